@@ -1,1 +1,1 @@
-"""configs."""
+"""YAML configs, one per named variant; read by `zoo.registry` (installed as package data)."""

@@ -1,0 +1,113 @@
+"""Key maps between a model's official layout and diffusers': renames, fused <-> split tensors, swapped halves.
+
+A `KeyMap` is a list of `Entry`s, each naming one official module and the diffusers module(s) it becomes.
+Both directions are derived from the same list, so official -> diffusers -> official is bit-exact by
+construction (only views, `torch.cat` and `torch.split` touch the tensors). Family files (`flux.py`,
+`unet.py`, ...) build their lists; `lora.formats` reuses them to place LoRA factors on fused modules.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PARAMS = ("weight", "bias", "scale")
+
+
+class KeyMapError(ValueError):
+    """A state dict that does not fit the key map: the message lists the offending keys."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One official module -> one or more diffusers modules.
+
+    `split`: the official tensor is the diffusers parts stacked along dim 0; `sizes(rows)` gives the part sizes
+    (default: equal). `swap`: the official tensor's two halves come in the other order in diffusers.
+    `param_names`: official param name -> diffusers param name where they differ (RMSNorm `scale` -> `weight`).
+    """
+
+    official: str
+    diffusers: tuple[str, ...]
+    sizes: Callable[[int], list[int]] | None = None
+    swap: bool = False
+    optional: bool = False
+    param_names: tuple[tuple[str, str], ...] = ()
+
+    def dparam(self, p: str) -> str:
+        return dict(self.param_names).get(p, p)
+
+
+def _swap(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _sizes(entry: Entry, rows: int) -> list[int]:
+    n = len(entry.diffusers)
+    if entry.sizes is not None:
+        return entry.sizes(rows)
+    if rows % n:
+        raise KeyMapError(f"{entry.official}: {rows} rows cannot be split into {n} equal parts {entry.diffusers}")
+    return [rows // n] * n
+
+
+def _check_consumed(sd: dict, used: set, direction: str) -> None:
+    left = sorted(k for k in sd if k not in used)
+    if left:
+        more = f" (and {len(left) - 20} more)" if len(left) > 20 else ""
+        raise KeyMapError(f"{direction}: {len(left)} key(s) match no entry of the key map: {left[:20]}{more}")
+
+
+def to_diffusers(entries: list[Entry], sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official-layout state dict -> diffusers layout; every key must be consumed and every required entry present."""
+    out, used, missing = {}, set(), []
+    for e in entries:
+        found = [p for p in PARAMS if f"{e.official}.{p}" in sd]
+        if not e.optional and "weight" not in found and "scale" not in found:
+            missing.append(f"{e.official}.{'scale' if e.param_names else 'weight'}")
+        for p in found:
+            key = f"{e.official}.{p}"
+            t, used = sd[key], used | {key}
+            if e.swap:
+                t = _swap(t)
+            parts = torch.split(t, _sizes(e, t.shape[0]), dim=0) if len(e.diffusers) > 1 else (t,)
+            for name, part in zip(e.diffusers, parts):
+                out[f"{name}.{e.dparam(p)}"] = part
+    if missing:
+        raise KeyMapError(f"official -> diffusers: missing {len(missing)} key(s): {missing[:20]}")
+    _check_consumed(sd, used, "official -> diffusers")
+    return out
+
+
+def to_official(entries: list[Entry], sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Diffusers-layout state dict -> official layout (the inverse of `to_diffusers`)."""
+    out, used, missing = {}, set(), []
+    for e in entries:
+        back = {d: o for o, d in e.param_names}
+        for dp in ("weight", "bias"):
+            p = back.get(dp, dp)
+            keys = [f"{name}.{dp}" for name in e.diffusers]
+            present = [k in sd for k in keys]
+            if not any(present):
+                continue
+            if not all(present):
+                missing += [k for k, ok in zip(keys, present) if not ok]
+                continue
+            used |= set(keys)
+            t = torch.cat([sd[k] for k in keys], dim=0) if len(keys) > 1 else sd[keys[0]]
+            out[f"{e.official}.{p}"] = _swap(t) if e.swap else t
+        if not e.optional and f"{e.official}.weight" not in out and f"{e.official}.scale" not in out:
+            missing.append(f"{e.diffusers[0]}.weight")
+    if missing:
+        raise KeyMapError(f"diffusers -> official: missing {len(missing)} key(s): {missing[:20]}")
+    _check_consumed(sd, used, "diffusers -> official")
+    return out
+
+
+def block_count(keys, prefix: str) -> int:
+    """Number of numbered blocks `prefix.N.` among `keys` (max N + 1; 0 if none)."""
+    idx = [int(k[len(prefix) + 1 :].split(".", 1)[0]) for k in keys if k.startswith(prefix + ".")]
+    return max(idx) + 1 if idx else 0

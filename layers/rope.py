@@ -1,0 +1,44 @@
+"""N-axis rotary position embedding as Flux uses it (`flux/math.py`, `EmbedND` in `modules/layers.py`)."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
+    """Rotation matrices for positions (B, L) -> (B, L, dim/2, 2, 2); frequencies in float64 as upstream."""
+    if dim % 2:
+        raise ValueError(f"RoPE axis dimension must be even, got {dim}")
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)  # (dim/2,)
+    out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)  # (B, L, dim/2)
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return rearrange(out, "b n d (i j) -> b n d i j", i=2, j=2).float()
+
+
+def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate consecutive pairs of q and k channels (B, H, L, D) in float32; returns them in their dtype."""
+    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)  # (B, H, L, D/2, 1, 2)
+    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
+    xq_out = freqs_cis[..., 0] * xq_[..., 0] + freqs_cis[..., 1] * xq_[..., 1]
+    xk_out = freqs_cis[..., 0] * xk_[..., 0] + freqs_cis[..., 1] * xk_[..., 1]
+    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+
+
+class EmbedND(nn.Module):
+    """Position ids (B, L, n_axes) -> RoPE rotations (B, 1, L, sum(axes_dim)/2, 2, 2), one band of channels per axis."""
+
+    def __init__(self, dim: int, theta: float, axes_dim: list[int]):
+        super().__init__()
+        if sum(axes_dim) != dim:
+            raise ValueError(f"axes_dim {list(axes_dim)} sums to {sum(axes_dim)}, expected the head dim {dim}")
+        self.dim = dim
+        self.theta = theta
+        self.axes_dim = list(axes_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[-1] != len(self.axes_dim):
+            raise ValueError(f"position ids have {ids.shape[-1]} axes, expected {len(self.axes_dim)} (axes_dim)")
+        emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
+        return emb.unsqueeze(1)
