@@ -5,7 +5,6 @@ from torch import Tensor
 
 from checkpoints_convert.keymap import Entry, block_count, to_diffusers, to_official
 
-
 RMS = (("scale", "weight"),)  # RMSNorm's official `scale` is diffusers' `weight`
 
 

@@ -109,7 +109,7 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """Parallel attention + MLP on the joined sequence: one fused input projection (`linear1`), one output (`linear2`)."""
+    """Parallel attention + MLP on the joined sequence: fused input projection `linear1`, output `linear2`."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -257,7 +257,8 @@ class Flux(nn.Module):
             raise ValueError(f"timesteps has shape {tuple(timesteps.shape)}, expected ({b},) or a scalar")
         if self.guidance_in is not None:
             if guidance is None:
-                raise ValueError("this Flux has a guidance embedding (guidance-distilled, e.g. flux-dev): pass guidance=")
+                raise ValueError("this Flux has a guidance embedding (guidance-distilled, e.g. flux-dev): "
+                                 "pass guidance=")
             guidance = torch.as_tensor(guidance, device=img.device, dtype=timesteps.dtype).reshape(-1)
             if guidance.shape[0] not in (1, b):
                 raise ValueError(f"guidance has shape {tuple(guidance.shape)}, expected ({b},) or a scalar")

@@ -79,7 +79,9 @@ def make_config(arch: str, fields: dict[str, Any]) -> Any:
     ignored = getattr(cls, "IGNORED_FIELDS", frozenset())
     unknown = [k for k in fields if k not in known and k not in ignored]
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} for arch {arch!r} ({cls.__name__}); valid fields: {sorted(known)}")
+        raise ValueError(
+            f"unknown field(s) {unknown} for arch {arch!r} ({cls.__name__}); valid fields: {sorted(known)}"
+        )
     missing = [
         n for n, f in known.items()
         if n not in fields and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
