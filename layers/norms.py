@@ -1,7 +1,8 @@
-"""RMSNorm (computed in float32) and the per-head q/k normalisation of Flux."""
+"""RMSNorm (computed in float32), the per-head q/k normalisation of Flux, and the LDM float32 GroupNorm."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -30,3 +31,17 @@ class QKNorm(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back (LDM `normalization()`/`GroupNorm32`; 32 groups by default)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, num_groups: int = 32, affine: bool = True):
+        super().__init__(num_groups, channels, eps=eps, affine=affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return super().forward(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
