@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--height", type=int, default=None, help="image height in pixels (family default if omitted)")
     tr.add_argument("--width", type=int, default=None, help="image width in pixels")
     tr.add_argument("--batch", type=int, default=1)
-    tr.add_argument("--depth", type=int, default=None, help="only modules up to this many dots deep")
+    tr.add_argument("--depth", type=int, default=None, help="only modules with at most this many path parts")
     args = parser.parse_args(argv)
 
     if args.command == "list":

@@ -61,7 +61,7 @@ class Trace:
 
 
 def trace(model: nn.Module, *args, max_depth: int | None = None, **kwargs) -> Trace:
-    """Run `model(*args, **kwargs)` under no_grad and record every module's call (down to `max_depth` dots)."""
+    """Run `model(*args, **kwargs)` under no_grad and record each module call (paths of <= `max_depth` parts)."""
     rows: list[TraceRow] = []
     open_rows: list[TraceRow] = []  # rows are made on entry (so parents precede children) and closed on exit
     handles = []
