@@ -1,1 +1,22 @@
-"""samplers."""
+"""samplers: noise schedules, flow-matching Euler/Heun, DPM-Solver(++) multistep, DDIM and classifier-free guidance.
+
+A model is any function `model_fn(x, t)`; see `sample` for what t is under each schedule.
+"""
+
+from __future__ import annotations
+
+from .guidance import Guidance
+from .sampling import SAMPLERS, sample
+from .schedules import FlowSchedule, Schedule, VPSchedule, flux_mu, flux_schedule, shift_time
+
+__all__ = [
+    "SAMPLERS",
+    "FlowSchedule",
+    "Guidance",
+    "Schedule",
+    "VPSchedule",
+    "flux_mu",
+    "flux_schedule",
+    "sample",
+    "shift_time",
+]
