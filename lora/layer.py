@@ -1,0 +1,196 @@
+"""LoRA layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation"): W x + sum_a w_a * (alpha_a / r_a) * B_a A_a x.
+
+A `LoRALinear` / `LoRAConv2d` wraps an existing `nn.Linear` / `nn.Conv2d` and *shares* its parameters: the
+wrapper registers the base's own `weight` and `bias` objects under the same names, so the model's state-dict
+keys of the base do not change (`...qkv.weight` stays `...qkv.weight`); the adapters add
+`lora_down.<adapter>.weight` (A, rank x in) and `lora_up.<adapter>.weight` (B, out x rank) beside them.
+A conv adapter is kohya's: A is a conv with the base's kernel, stride and padding, B a 1x1 conv.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+INITS = ("zeros", "gaussian", "none")
+
+
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype adapters of a base stored as `weight` compute in: the base's, or bf16 for fp8 storage."""
+    return torch.bfloat16 if weight.dtype in FP8 else weight.dtype
+
+
+class LoRALayer(nn.Module):
+    """Named adapters around a shared base layer; subclasses give the base forward and the factor shapes."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # not a submodule: its parameters are registered below, same names
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_down = nn.ModuleDict()
+        self.lora_up = nn.ModuleDict()
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scale: dict[str, float] = {}  # the user's multiplier per adapter (kohya's `multiplier`)
+        self.active: dict[str, float] = {}  # adapter -> weight; empty = base only
+        self.merged: dict[str, float] = {}  # adapters (and weights) folded into `weight`
+        self._unmerged_weight: Tensor | None = None  # exact copy of the base weight while merged
+
+    # ---- subclass hooks ----
+    def _base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _factors(self, rank: int, dtype: torch.dtype, device) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def delta_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    # ---- adapters ----
+    def add_adapter(self, name: str, rank: int, alpha: float | None = None, *, scale: float = 1.0,
+                    init: str = "zeros", dtype: torch.dtype | None = None) -> None:
+        """Add adapter `name` of `rank` (alpha defaults to rank: scale 1); it becomes the one active adapter."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.lora_down:
+            raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if self.merged:
+            raise ValueError("cannot add an adapter to a merged layer; unmerge first")
+        down, up = self._factors(rank, dtype or adapter_dtype(self.weight), self.weight.device)
+        if init != "none" and not down.weight.is_meta:
+            with torch.no_grad():
+                if init == "zeros":  # the paper's: A random, B zero, so the adapter starts as the identity
+                    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(down.weight, std=1 / rank)
+                nn.init.zeros_(up.weight)
+        self.lora_down[name], self.lora_up[name] = down, up
+        self.rank[name] = rank
+        self.alpha[name] = float(rank if alpha is None else alpha)
+        self.scale[name] = float(scale)
+        self.active = {name: 1.0}
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged:
+            raise ValueError("cannot delete an adapter of a merged layer; unmerge first")
+        for d in (self.lora_down, self.lora_up):
+            del d[name]
+        for d in (self.rank, self.alpha, self.scale, self.active):
+            d.pop(name, None)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_down.keys())
+
+    def scaling(self, name: str) -> float:
+        return self.alpha[name] / self.rank[name] * self.scale[name]
+
+    def set_active(self, weights: dict[str, float]) -> None:
+        unknown = [n for n in weights if n not in self.lora_down]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {self.adapters}")
+        if self.merged and dict(weights) != self.merged:
+            raise ValueError(f"layer is merged with {self.merged}; unmerge before switching adapters")
+        self.active = dict(weights)
+
+    def delta(self, name: str) -> Tensor:
+        """B A of adapter `name` in fp32, shaped like the base weight (without the scaling)."""
+        a = self.lora_down[name].weight.float().flatten(1)  # (r, in * kh * kw)
+        b = self.lora_up[name].weight.float().flatten(1)  # (out, r)
+        return (b @ a).reshape(self.delta_shape())
+
+    # ---- forward ----
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.dtype in FP8:  # fp8 storage: upcast at compute
+            w = w.to(x.dtype)
+        out = self._base_forward(x, w)
+        for name, weight in self.active.items():
+            if name in self.merged or weight == 0:
+                continue
+            down, up = self.lora_down[name], self.lora_up[name]
+            h = up(down(x.to(down.weight.dtype)))
+            out = out + (h * (self.scaling(name) * weight)).to(out.dtype)
+        return out
+
+    # ---- merge ----
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapters into the base weight; the original is kept so `unmerge` is bit-exact."""
+        if self.merged or not self.active:
+            return
+        if self.weight.dtype in FP8:
+            raise ValueError("merging into an fp8-stored weight would lose the adapter; keep it unmerged")
+        self._unmerged_weight = self.weight.detach().clone()
+        total = self.weight.float()
+        for name, weight in self.active.items():
+            total = total + self.delta(name) * (self.scaling(name) * weight)
+        self.weight.copy_(total.to(self.weight.dtype))
+        self.merged = dict(self.active)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight, self.merged = None, {}
+
+    def extra_repr(self) -> str:
+        ads = ", ".join(f"{n}(r={self.rank[n]}, alpha={self.alpha[n]:g})" for n in self.adapters)
+        return f"{self.base.__class__.__name__}{tuple(self.weight.shape)}, adapters=[{ads}], active={self.active}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around an `nn.Linear`: A (r, in), B (out, r)."""
+
+    def __init__(self, base: nn.Linear):
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        super().__init__(base)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def _base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(weight.dtype))
+
+    def _factors(self, rank, dtype, device):
+        kw = dict(bias=False, dtype=dtype, device=device)
+        return nn.Linear(self.in_features, rank, **kw), nn.Linear(rank, self.out_features, **kw)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around an `nn.Conv2d` (kohya's LoCon): A a conv with the base's kernel/stride/padding, B a 1x1 conv."""
+
+    def __init__(self, base: nn.Conv2d):
+        if not isinstance(base, nn.Conv2d):
+            raise ValueError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError(f"LoRAConv2d needs groups=1, this conv has groups={base.groups}")
+        super().__init__(base)
+
+    def _base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base._conv_forward(x, weight, None if self.bias is None else self.bias.to(weight.dtype))
+
+    def _factors(self, rank, dtype, device):
+        b = self.base
+        down = nn.Conv2d(b.in_channels, rank, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
+                         padding_mode=b.padding_mode, dtype=dtype, device=device)
+        return down, nn.Conv2d(rank, b.out_channels, 1, bias=False, dtype=dtype, device=device)
+
+
+def wrap(module: nn.Module) -> LoRALayer:
+    """The LoRA wrapper for `module` (itself if already wrapped)."""
+    if isinstance(module, LoRALayer):
+        return module
+    if isinstance(module, nn.Linear):
+        return LoRALinear(module)
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d(module)
+    raise ValueError(f"LoRA supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
