@@ -1,5 +1,11 @@
 """Checkpoint I/O and key maps between official, diffusers and other layouts (imports nothing of zoo/layers)."""
+from checkpoints_convert.autoencoder import autoencoder_from_diffusers, autoencoder_to_diffusers
 from checkpoints_convert.flux import flux_from_diffusers, flux_to_diffusers
 from checkpoints_convert.keymap import Entry, KeyMapError, to_diffusers, to_official
+from checkpoints_convert.sana import sana_from_diffusers, sana_to_diffusers
 
-__all__ = ["flux_from_diffusers", "flux_to_diffusers", "Entry", "KeyMapError", "to_diffusers", "to_official"]
+__all__ = [
+    "autoencoder_from_diffusers", "autoencoder_to_diffusers",
+    "flux_from_diffusers", "flux_to_diffusers", "Entry", "KeyMapError", "to_diffusers", "to_official",
+    "sana_from_diffusers", "sana_to_diffusers",
+]

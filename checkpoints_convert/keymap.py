@@ -27,6 +27,7 @@ class Entry:
     `split`: the official tensor is the diffusers parts stacked along dim 0; `sizes(rows)` gives the part sizes
     (default: equal). `swap`: the official tensor's two halves come in the other order in diffusers.
     `param_names`: official param name -> diffusers param name where they differ (RMSNorm `scale` -> `weight`).
+    `conv1x1`: the official weight is a 1x1 conv's (O, I, 1, 1), diffusers' a Linear's (O, I) (VAE attention).
     """
 
     official: str
@@ -35,6 +36,7 @@ class Entry:
     swap: bool = False
     optional: bool = False
     param_names: tuple[tuple[str, str], ...] = ()
+    conv1x1: bool = False
 
     def dparam(self, p: str) -> str:
         return dict(self.param_names).get(p, p)
@@ -43,6 +45,16 @@ class Entry:
 def _swap(t: Tensor) -> Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
+
+
+def _conv1x1(entry: Entry, key: str, t: Tensor, to_linear: bool) -> Tensor:
+    """View a 1x1 conv weight (O, I, 1, 1) as a Linear weight (O, I), or back."""
+    if to_linear and t.ndim == 4 and t.shape[2:] == (1, 1):
+        return t[:, :, 0, 0]
+    if not to_linear and t.ndim == 2:
+        return t[:, :, None, None]
+    want = "(O, I, 1, 1)" if to_linear else "(O, I)"
+    raise KeyMapError(f"{key}: shape {tuple(t.shape)} is not the expected {want} of entry {entry.official}")
 
 
 def _sizes(entry: Entry, rows: int) -> list[int]:
@@ -73,6 +85,8 @@ def to_diffusers(entries: list[Entry], sd: dict[str, Tensor]) -> dict[str, Tenso
             t, used = sd[key], used | {key}
             if e.swap:
                 t = _swap(t)
+            if e.conv1x1 and p == "weight":
+                t = _conv1x1(e, key, t, to_linear=True)
             parts = torch.split(t, _sizes(e, t.shape[0]), dim=0) if len(e.diffusers) > 1 else (t,)
             for name, part in zip(e.diffusers, parts):
                 out[f"{name}.{e.dparam(p)}"] = part
@@ -98,6 +112,8 @@ def to_official(entries: list[Entry], sd: dict[str, Tensor]) -> dict[str, Tensor
                 continue
             used |= set(keys)
             t = torch.cat([sd[k] for k in keys], dim=0) if len(keys) > 1 else sd[keys[0]]
+            if e.conv1x1 and dp == "weight":
+                t = _conv1x1(e, keys[0], t, to_linear=False)
             out[f"{e.official}.{p}"] = _swap(t) if e.swap else t
         if not e.optional and f"{e.official}.weight" not in out and f"{e.official}.scale" not in out:
             missing.append(f"{e.diffusers[0]}.weight")
