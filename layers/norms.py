@@ -7,18 +7,22 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale over the last dim; statistics in float32, eps 1e-6 as in Flux."""
+    """x / rms(x) * scale over the last dim; statistics in float32, eps 1e-6 as in Flux.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    `param_name` is the gain's checkpoint name: `scale` in Flux, `weight` in Sana (`diffusion/model/norms.py`).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, param_name: str = "scale"):
         super().__init__()
         self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.param_name = param_name
+        self.register_parameter(param_name, nn.Parameter(torch.ones(dim)))
 
     def forward(self, x: Tensor) -> Tensor:
         x_dtype = x.dtype
         x = x.float()
         rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + self.eps)
-        return (x * rrms).to(dtype=x_dtype) * self.scale
+        return (x * rrms).to(dtype=x_dtype) * getattr(self, self.param_name)
 
 
 class QKNorm(nn.Module):
