@@ -1,0 +1,256 @@
+"""Which model a state dict holds: family, config name and layout, from key names and shapes (ComfyUI's idea).
+
+Each family/layout has a `Signature`: keys that must all be present once a wrapper prefix is removed, and a
+function naming the config from shapes. A file may hold several models (a full SD checkpoint: UNet under
+`model.diffusion_model.`, VAE under `first_stage_model.`); the diffusion model is reported, the rest listed.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from checkpoints_convert.io import CheckpointError
+from checkpoints_convert.keymap import block_count
+
+# wrapper prefixes people save models under (LDM/SGM, ComfyUI, DDP, torch.compile, diffusers pipelines)
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "module.", "_orig_mod.", "net.",
+            "control_model.", "first_stage_model.", "vae.", "transformer.", "unet.", "controlnet.")
+LORA_MARKS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.",
+              "_lora.up.", ".alpha")
+
+
+class DetectError(CheckpointError):
+    """No known family matches: the message lists the nearest ones and what they missed."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What `detect` found: `layout` is official/diffusers (for LoRA: kohya/peft/diffusers-legacy)."""
+
+    family: str
+    layout: str
+    config: str | None = None  # a zoo config name (`zoo.build(config)`), when the shapes match a release
+    prefix: str = ""  # wrapper prefix to strip ('' if none)
+    fields: dict | None = None  # official config fields read off the shapes, where they all can be
+    components: dict[str, str] = field(default_factory=dict)  # other models in the file: prefix -> family
+    note: str = ""
+
+    def __str__(self) -> str:
+        s = f"{self.family} ({self.layout}{f', prefixed {self.prefix!r}' if self.prefix else ''})"
+        s += f", config {self.config}" if self.config else ", no shipped config matches"
+        if self.components:
+            s += "; also holds " + ", ".join(f"{f} under {p!r}" for p, f in self.components.items())
+        return s + (f"; {self.note}" if self.note else "")
+
+
+@dataclass(frozen=True)
+class Signature:
+    family: str
+    layout: str
+    keys: tuple[str, ...]  # all present (after the prefix) <=> this family in this layout
+    name: Callable[[Callable[[str], tuple | None]], str | None] = lambda shape: None  # shape(key) -> config name
+
+
+def _ctx(shape, key: str) -> int | None:
+    s = shape(key)
+    return s[1] if s else None
+
+
+def _unet_name(shape, ctx_key: str, proj_key: str, ch_key: str, adm_key: str, in_key: str) -> str | None:
+    """Release by context width, linear/conv proj_in, width and class-embedding input (SGM/LDM configs)."""
+    ctx, proj, ch, adm = _ctx(shape, ctx_key), shape(proj_key), (shape(ch_key) or [0])[0], _ctx(shape, adm_key)
+    inpaint = "-inpaint" if (shape(in_key) or [0, 4])[1] == 9 else ""
+    if ch == 320 and ctx == 768 and adm is None and proj is not None and len(proj) == 4:
+        return "sd15" + inpaint
+    if ch == 320 and ctx == 1024 and adm is None and proj is not None and len(proj) == 2:
+        return "sd21" + inpaint
+    if ch == 320 and ctx == 2048 and adm == 2816:
+        return "sdxl-base" + inpaint
+    if ch == 384 and ctx == 1280 and adm == 2560:
+        return "sdxl-refiner"
+    return None
+
+
+def _base(shape, ctx_key: str) -> str | None:
+    return {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(_ctx(shape, ctx_key))
+
+
+def _vae_name(shape, quant_key: str, conv_out: str) -> str | None:
+    z = (shape(conv_out) or [0])[0] // 2
+    if z == 4 and shape(quant_key):
+        return "vae-sd"  # SD1/2 and SDXL VAEs share every shape; only their scale factors differ
+    if z == 16 and not shape(quant_key):
+        return "vae-flux"
+    return None
+
+
+def _flux_name(shape, hidden_key: str, guidance_key: str, last: str, past: str) -> str | None:
+    if (shape(hidden_key) or [0])[0] == 3072 and shape(last) and not shape(past):  # 38 single blocks
+        return "flux-dev" if shape(guidance_key) else "flux-schnell"
+    return None
+
+
+def _sana_name(shape, key: str) -> str | None:
+    return {1152: "sana-600m", 2240: "sana-1600m"}.get((shape(key) or [0])[0])
+
+
+UNET_CTX, D_UNET_CTX = "middle_block.1.transformer_blocks.0.attn2.to_k.weight", \
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+SIGNATURES = (  # priority order: the first family matched is the one reported
+    Signature("flux", "official", ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight",
+                                   "final_layer.adaLN_modulation.1.weight"),
+              lambda s: _flux_name(s, "img_in.weight", "guidance_in.in_layer.weight", "single_blocks.37.linear1.weight",
+                                   "single_blocks.38.linear1.weight")),
+    Signature("flux", "diffusers", ("x_embedder.weight", "context_embedder.weight", "norm_out.linear.weight",
+                                    "time_text_embed.timestep_embedder.linear_1.weight"),
+              lambda s: _flux_name(s, "x_embedder.weight", "time_text_embed.guidance_embedder.linear_1.weight",
+                                   "single_transformer_blocks.37.proj_out.weight",
+                                   "single_transformer_blocks.38.proj_out.weight")),
+    Signature("sana", "official", ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.y_proj.fc1.weight",
+                                   "blocks.0.mlp.inverted_conv.conv.weight"),
+              lambda s: _sana_name(s, "x_embedder.proj.weight")),
+    Signature("sana", "diffusers", ("patch_embed.proj.weight", "caption_projection.linear_1.weight",
+                                    "transformer_blocks.0.ff.conv_inverted.weight"),
+              lambda s: _sana_name(s, "patch_embed.proj.weight")),
+    Signature("controlnet", "official", ("input_hint_block.0.weight", "zero_convs.0.0.weight",
+                                         "middle_block_out.0.weight"),
+              lambda s: _base(s, UNET_CTX)),
+    Signature("controlnet", "diffusers", ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight",
+                                          "controlnet_mid_block.weight"),
+              lambda s: _base(s, D_UNET_CTX)),
+    Signature("t2i_adapter", "official", ("conv_in.weight", "body.0.block1.weight")),
+    Signature("t2i_adapter", "official", ("body.0.in_conv.weight", "body.0.body.0.block1.weight"), lambda s: None),
+    Signature("t2i_adapter", "diffusers", ("adapter.body.0.resnets.0.block1.weight",)),
+    Signature("unet", "official", ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight"),
+              lambda s: _unet_name(s, UNET_CTX, "middle_block.1.proj_in.weight", "input_blocks.0.0.weight",
+                                   "label_emb.0.0.weight", "input_blocks.0.0.weight")),
+    Signature("unet", "diffusers", ("conv_in.weight", "time_embedding.linear_1.weight",
+                                    "down_blocks.0.resnets.0.conv1.weight", "conv_norm_out.weight"),
+              lambda s: _unet_name(s, D_UNET_CTX, "mid_block.attentions.0.proj_in.weight", "conv_in.weight",
+                                   "add_embedding.linear_1.weight", "conv_in.weight")),
+    Signature("autoencoder", "official", ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight",
+                                          "decoder.up.0.block.0.conv1.weight", "decoder.conv_out.weight"),
+              lambda s: _vae_name(s, "quant_conv.weight", "encoder.conv_out.weight")),
+    Signature("autoencoder", "diffusers", ("encoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.conv1.weight",
+                                           "decoder.up_blocks.0.resnets.0.conv1.weight", "decoder.conv_out.weight"),
+              lambda s: _vae_name(s, "quant_conv.weight", "encoder.conv_out.weight")),
+)
+MAIN_FAMILIES = ("flux", "sana", "controlnet", "t2i_adapter", "unet")  # preferred over a VAE in the same file
+
+
+def _shape_fn(sd: Mapping[str, Tensor], prefix: str):
+    def shape(key: str) -> tuple | None:
+        t = sd.get(prefix + key)
+        return tuple(t.shape) if t is not None else None
+    return shape
+
+
+def _prefixes(keys) -> list[str]:
+    return [""] + [p for p in PREFIXES if any(k.startswith(p) for k in keys)]
+
+
+def _matches(sd: Mapping[str, Tensor]) -> list[tuple[str, Signature]]:
+    found, taken, prefixes = [], set(), _prefixes(sd)
+    for sig in SIGNATURES:
+        for p in prefixes:
+            if p not in taken and all(p + k in sd for k in sig.keys):
+                found.append((p, sig))
+                taken.add(p)
+    return found
+
+
+def flux_fields(sd: Mapping[str, Tensor], layout: str = "official", prefix: str = "") -> dict | None:
+    """Official `FluxParams` read off the shapes; None where one cannot be (axes_dim is no tensor's shape)."""
+    s = _shape_fn(sd, prefix)
+    o = layout == "official"
+    blocks = "double_blocks" if o else "transformer_blocks"
+    singles = "single_blocks" if o else "single_transformer_blocks"
+    img_in = s("img_in.weight" if o else "x_embedder.weight")
+    hidden = img_in[0]
+    depth = block_count([k[len(prefix):] for k in sd if k.startswith(prefix)], blocks)
+    depth_single = block_count([k[len(prefix):] for k in sd if k.startswith(prefix)], singles)
+    norm = s(f"{blocks}.0.img_attn.norm.query_norm.scale" if o else f"{blocks}.0.attn.norm_q.weight") or \
+        s(f"{singles}.0.norm.query_norm.scale" if o else f"{singles}.0.attn.norm_q.weight")
+    mlp = s(f"{blocks}.0.img_mlp.0.weight" if o else f"{blocks}.0.ff.net.0.proj.weight")
+    if mlp is None:
+        lin1 = s(f"{singles}.0.linear1.weight" if o else f"{singles}.0.proj_mlp.weight")
+        mlp = (lin1[0] - (3 * hidden if o else 0),) if lin1 else None
+    if norm is None or mlp is None or hidden % norm[0]:
+        return None
+    head_dim = norm[0]
+    if head_dim != 128:
+        return None  # only the released head width fixes the RoPE axes split (16, 56, 56)
+    qkv_bias = s(f"{blocks}.0.img_attn.qkv.bias" if o else f"{blocks}.0.attn.to_q.bias") is not None
+    guidance = s("guidance_in.in_layer.weight" if o else "time_text_embed.guidance_embedder.linear_1.weight")
+    return dict(
+        arch="flux", in_channels=img_in[1], out_channels=s("final_layer.linear.weight" if o else "proj_out.weight")[0],
+        vec_in_dim=s("vector_in.in_layer.weight" if o else "time_text_embed.text_embedder.linear_1.weight")[1],
+        context_in_dim=s("txt_in.weight" if o else "context_embedder.weight")[1], hidden_size=hidden,
+        mlp_ratio=mlp[0] / hidden, num_heads=hidden // head_dim, depth=depth, depth_single_blocks=depth_single,
+        axes_dim=[16, 56, 56], theta=10000, qkv_bias=qkv_bias or depth == 0, guidance_embed=guidance is not None,
+    )
+
+
+def _detect_lora(sd: Mapping[str, Tensor]) -> Detection:
+    keys = list(sd)
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
+        kind = "kohya"
+    elif any(".lora_A." in k or ".lora_B." in k for k in keys):
+        kind = "peft"
+    else:
+        kind = "diffusers-legacy"
+    joined = " ".join(keys[:200])
+    base = next((fam for fam, pat in (
+        ("flux", r"double_blocks|single_blocks"), ("flux", r"single_transformer_blocks"),
+        ("sana", r"blocks[._]\d+[._]cross_attn"), ("unet", r"input_blocks|middle_block|down_blocks|mid_block"),
+    ) if re.search(pat, joined)), None)
+    ranks = sorted({t.shape[0] for k, t in sd.items() if (".lora_down." in k or ".lora_A." in k) and t.ndim >= 2})
+    return Detection("lora", kind, note=f"base family {base or 'unknown'}, rank(s) {ranks or '?'}",
+                     fields={"base": base, "ranks": ranks})
+
+
+def detect(sd: Mapping[str, Tensor]) -> Detection:
+    """Family, config name, layout and wrapper prefix of a state dict; `DetectError` naming the nearest families."""
+    if not sd:
+        raise DetectError("empty state dict: nothing to detect")
+    if any(m in k for k in sd for m in LORA_MARKS):
+        return _detect_lora(sd)
+    found = _matches(sd)
+    if not found:
+        raise DetectError(_nearest(sd))
+    found.sort(key=lambda m: m[1].family not in MAIN_FAMILIES)  # stable: keeps the signature priority otherwise
+    prefix, sig = found[0]
+    others = {p: s.family for p, s in found[1:]}
+    fields = flux_fields(sd, sig.layout, prefix) if sig.family == "flux" else None
+    return Detection(sig.family, sig.layout, sig.name(_shape_fn(sd, prefix)), prefix, fields, others,
+                     note="the SDXL VAE has the same shapes (it differs in scale_factor)" if
+                     sig.name(_shape_fn(sd, prefix)) == "vae-sd" else "")
+
+
+def detect_all(sd: Mapping[str, Tensor]) -> list[Detection]:
+    """Every model found in a state dict (a full checkpoint holds several), one `Detection` per prefix."""
+    return [Detection(s.family, s.layout, s.name(_shape_fn(sd, p)), p) for p, s in _matches(sd)]
+
+
+def _nearest(sd: Mapping[str, Tensor]) -> str:
+    scored, prefixes = [], _prefixes(sd)
+    for sig in SIGNATURES:
+        for p in prefixes:
+            have = [k for k in sig.keys if p + k in sd]
+            scored.append((len(have) / len(sig.keys), sig, p, [k for k in sig.keys if p + k not in sd]))
+    scored.sort(key=lambda x: -x[0])
+    lines, seen = [], set()
+    for score, sig, p, missing in scored:
+        if (sig.family, sig.layout) in seen:
+            continue
+        seen.add((sig.family, sig.layout))
+        where = f" under prefix {p!r}" if p else ""
+        lines.append(f"  {sig.family} ({sig.layout}){where}: {score:.0%} of its signature keys; missing {missing}")
+        if len(lines) == 3:
+            break
+    sample = list(sd)[:5]
+    return (f"no known model family matches this state dict ({len(sd)} keys, e.g. {sample}); nearest:\n"
+            + "\n".join(lines))

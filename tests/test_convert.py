@@ -1,0 +1,86 @@
+"""checkpoints_convert.convert: official <-> diffusers for each family, bit-exact round trips, dtype casts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from checkpoints_convert.convert import cast, convert
+from checkpoints_convert.detect import DetectError
+from checkpoints_convert.io import CheckpointError
+from tests.conftest import manifest, randomize
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+def _tiny_flux(seed: int = 0) -> dict[str, torch.Tensor]:
+    return randomize(zoo.build("tiny-flux"), seed=seed).state_dict()
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flux_round_trip_is_bit_exact_in_every_dtype(dtype):
+    sd = {k: v.to(dtype) for k, v in _tiny_flux().items()}
+    d = convert(sd, to="diffusers")
+    assert "x_embedder.weight" in d and all(v.dtype == dtype for v in d.values())
+    _assert_identical(convert(d, to="official"), sd)
+    _assert_identical(convert(sd, to="official"), sd)  # already official: unchanged
+
+
+def test_prefixed_input_is_unwrapped_and_other_models_left_out():
+    sd = _tiny_flux()
+    wrapped = {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+    wrapped["vae.decoder.conv_in.weight"] = torch.ones(1)
+    _assert_identical(convert(wrapped, to="official"), sd)
+    _assert_identical(convert(convert(wrapped, to="diffusers"), to="official"), sd)
+
+
+def test_flux_to_diffusers_equals_diffusers_own_converter():
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    # diffusers' converter assumes width 3072: full width, one block of each kind, random fp16 bit patterns
+    # (only bytes move, so any pattern will do and it is 4x quicker to draw than randn)
+    g = torch.Generator().manual_seed(0)
+    model = zoo.build("flux-dev", device="meta", depth=1, depth_single_blocks=1)
+    sd = {k: torch.empty(v.shape, dtype=torch.int16).random_(generator=g).view(torch.float16)
+          for k, v in model.state_dict().items()}
+    _assert_identical(dict(convert(sd, to="diffusers")), convert_flux_transformer_checkpoint_to_diffusers(dict(sd)))
+
+
+def test_full_size_flux_converts_onto_diffusers_model_keys_and_shapes():
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ref = diffusers.FluxTransformer2DModel(guidance_embeds=True).state_dict()
+    sd = {k: torch.empty(shape, device="meta") for k, (shape, _) in manifest("flux1-dev").items()}
+    ours = convert(sd, to="diffusers")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    back = convert(ours, to="official")
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_cast_to_fp8_keeps_vectors_in_bf16_and_ints_untouched():
+    sd = {"w": torch.randn(4, 4) * 1000, "b": torch.randn(4), "n": torch.tensor([1, 2])}
+    out = cast(sd, "fp8")
+    assert (out["w"].dtype, out["b"].dtype, out["n"].dtype) == (torch.float8_e4m3fn, torch.bfloat16, torch.int64)
+    assert out["w"].float().abs().max() <= 448  # saturates rather than overflowing to NaN
+    assert torch.equal(out["n"], sd["n"])
+    with pytest.raises(ValueError, match="unknown dtype 'fp4'"):
+        cast(sd, "fp4")
+
+
+def test_bad_requests_raise_clear_errors():
+    sd = _tiny_flux()
+    with pytest.raises(ValueError, match="to='comfy'"):
+        convert(sd, to="comfy")
+    with pytest.raises(DetectError, match="asked for family 'unet'"):
+        convert(sd, to="diffusers", family="unet")
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}
+    with pytest.raises(CheckpointError, match="python -m lora convert"):
+        convert(lora, to="diffusers")
