@@ -198,17 +198,18 @@ class Sana(nn.Module):
         if not p.multi_scale and (h != w or (p.use_pe and h != p.input_size)):
             want = f"{p.input_size}x{p.input_size}" if p.use_pe else "square"
             raise ValueError(f"x has latent size {h}x{w}; this square-only Sana (multi_scale=false) expects {want}")
+        y_shape = tuple(y.shape)
         if y.ndim == 4 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 3 or y.shape[0] != b or y.shape[-1] != p.caption_channels:
-            raise ValueError(f"y (caption) has shape {tuple(y.shape)}, expected ({b}, 1, L, {p.caption_channels}) "
+            raise ValueError(f"y (caption) has shape {y_shape}, expected ({b}, 1, L, {p.caption_channels}) "
                              f"or ({b}, L, {p.caption_channels})")
         if mask is not None:
             if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
                 mask = mask[:, 0, 0]
             if mask.ndim != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != y.shape[1]:
                 raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({b}, {y.shape[1]}) "
-                                 f"to match the caption y {tuple(y.shape)}")
+                                 f"to match the caption y {y_shape}")
             mask = mask.bool().expand(b, -1)
             # a fully masked row would make the softmax 0/0 (a data check: skipped on meta)
             if mask.device.type != "meta" and not mask.any(dim=1).all():
