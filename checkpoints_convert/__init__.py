@@ -3,9 +3,19 @@ from checkpoints_convert.autoencoder import autoencoder_from_diffusers, autoenco
 from checkpoints_convert.flux import flux_from_diffusers, flux_to_diffusers
 from checkpoints_convert.keymap import Entry, KeyMapError, to_diffusers, to_official
 from checkpoints_convert.sana import sana_from_diffusers, sana_to_diffusers
+from checkpoints_convert.unet import (
+    controlnet_from_diffusers,
+    controlnet_to_diffusers,
+    t2i_adapter_from_diffusers,
+    t2i_adapter_to_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
 
 __all__ = [
     "autoencoder_from_diffusers", "autoencoder_to_diffusers",
     "flux_from_diffusers", "flux_to_diffusers", "Entry", "KeyMapError", "to_diffusers", "to_official",
     "sana_from_diffusers", "sana_to_diffusers",
+    "unet_from_diffusers", "unet_to_diffusers", "controlnet_from_diffusers", "controlnet_to_diffusers",
+    "t2i_adapter_from_diffusers", "t2i_adapter_to_diffusers",
 ]
