@@ -1,0 +1,220 @@
+"""LoRA files: a diffusers/PEFT Flux LoRA in our Flux equals diffusers; lossless round trips; detection; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora
+import zoo
+from checkpoints_convert import flux_from_diffusers
+from lora.formats import Factor, convert, detect, factors_of, read, write
+from tests.conftest import max_rel_err, randomize
+from zoo.flux import img_ids, txt_ids
+
+TINY = dict(in_channels=16, vec_in_dim=24, context_in_dim=40, hidden_size=64, mlp_ratio=4.0, num_heads=4,
+            depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True, guidance_embed=True)
+ALL = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
+       "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "norm1.linear", "norm.linear", "norm_out.linear",
+       "x_embedder"]
+
+
+def peer():
+    diffusers = pytest.importorskip("diffusers")
+    m = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=40, pooled_projection_dim=24, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))
+    return randomize(m, seed=1, std=0.1).eval()
+
+
+def flux_inputs():
+    g = torch.Generator().manual_seed(0)
+    b, lh, lw, lt = 2, 4, 6, 5
+    tid = txt_ids(b, lt)
+    tid[..., 1] = torch.arange(lt, dtype=torch.float32)
+    return dict(img=torch.randn(b, (lh // 2) * (lw // 2), 16, generator=g), txt=torch.randn(b, lt, 40, generator=g),
+                y=torch.randn(b, 24, generator=g), t=torch.tensor([0.3, 0.9]), g=torch.tensor([3.5, 1.0]),
+                iid=img_ids(b, lh, lw), tid=tid)
+
+
+def run_peer(m, x):
+    return m(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"], timestep=x["t"],
+             img_ids=x["iid"][0], txt_ids=x["tid"][0], guidance=x["g"], return_dict=False)[0]
+
+
+def run_ours(m, x):
+    return m(x["img"], x["iid"], x["txt"], x["tid"], x["t"], x["y"], guidance=x["g"])
+
+
+@pytest.mark.parametrize("targets, patterns", [
+    (ALL, dict(rank_pattern={"proj_mlp": 2, "to_v": 3}, alpha_pattern={"to_k": 2.0, "norm_out.linear": 16.0})),
+    (["to_q", "to_v", "proj_mlp", "add_k_proj"], {}),  # fused modules with missing parts
+])
+def test_diffusers_flux_lora_in_our_flux_matches_diffusers(tmp_path, targets, patterns):
+    peft = pytest.importorskip("peft")
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    ref = peer()
+    ours = zoo.build({"arch": "flux", **TINY}).eval()
+    ours.load_state_dict(flux_from_diffusers(ref.state_dict()), strict=True)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **patterns)
+    ref.add_adapter(config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
+                                   transformer_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    x = flux_inputs()
+    with torch.no_grad():
+        want = run_peer(ref, x)
+        plain = run_ours(ours, x)
+        report = lora.load(ours, path, adapter="peft", strict=True)
+        got = run_ours(ours, x)
+    assert report.format == "diffusers" and not report.unmatched
+    assert max_rel_err(plain, want) > 1e-3  # the LoRA matters
+    assert max_rel_err(got, want) <= 1e-5
+    # and back: our diffusers-format file, read by diffusers, gives the same output
+    ref.delete_adapters("default")
+    out = lora.save(ours, tmp_path / "ours.safetensors", adapter="peft", format="diffusers")
+    sd, meta = FluxPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    ref.load_lora_adapter(sd, prefix="transformer", adapter_name="back", metadata=meta)
+    with torch.no_grad():
+        assert max_rel_err(run_peer(ref, x), got) <= 1e-5
+
+
+def random_factors(model, seed=0, rank=3):
+    """Non-zero factors on every target of `model`, alphas all different from the rank."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
+        if n.startswith(("double_blocks", "single_blocks", "final_layer")):
+            out[n] = Factor(torch.randn(rank, m.in_features, generator=g), torch.randn(m.out_features, rank,
+                                                                                       generator=g), 1.0 + i)
+    return out
+
+
+def assert_same(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        fa, fb = a[k], b[k]
+        assert torch.equal(fa.down, fb.down) and torch.equal(fa.up, fb.up), k
+        assert (fa.alpha or fa.down.shape[0]) == (fb.alpha or fb.down.shape[0]), k
+
+
+@pytest.mark.parametrize("fmt", ["ours", "comfy", "kohya", "diffusers"])
+def test_round_trips_are_lossless(fmt):
+    model = zoo.build({"arch": "flux", **TINY}, device="meta")
+    factors = random_factors(model)
+    sd, meta = write(factors, fmt)
+    assert detect(sd) == fmt
+    back, unmatched, _ = read(sd, meta)
+    assert not unmatched
+    assert_same(back, factors)
+    # and every format into every other, then back to ours
+    for other in ("kohya", "diffusers", "comfy"):
+        sd2, meta2, _ = convert(sd, other, meta)
+        assert_same(read(sd2, meta2)[0], factors)
+
+
+def test_diffusers_parts_round_trip_through_our_fused_modules_bit_exactly():
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)
+    h = 64
+    sd = {  # independent A per part, parts missing, different ranks: joined block-wise, split back exactly
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": r(2, h),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": r(h, 2),
+        "transformer.transformer_blocks.0.attn.to_v.lora_A.weight": r(3, h),
+        "transformer.transformer_blocks.0.attn.to_v.lora_B.weight": r(h, 3),
+        "transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight": r(2, h),
+        "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight": r(4 * h, 2),
+        "transformer.single_transformer_blocks.1.attn.to_k.lora_A.weight": r(2, h),
+        "transformer.single_transformer_blocks.1.attn.to_k.lora_B.weight": r(h, 2),
+        "transformer.norm_out.linear.lora_A.weight": r(2, h),
+        "transformer.norm_out.linear.lora_B.weight": r(2 * h, 2),
+    }
+    factors, unmatched, fmt = read(sd)
+    assert fmt == "diffusers" and not unmatched
+    assert sorted(factors) == ["double_blocks.0.img_attn.qkv", "final_layer.adaLN_modulation.1",
+                               "single_blocks.1.linear1"]
+    qkv = factors["double_blocks.0.img_attn.qkv"]
+    assert qkv.down.shape == (5, h) and qkv.up.shape == (3 * h, 5)
+    # the fused product is the parts' products stacked (k's rows zero)
+    want = torch.cat([sd[f"transformer.transformer_blocks.0.attn.to_{p}.lora_B.weight"]
+                      @ sd[f"transformer.transformer_blocks.0.attn.to_{p}.lora_A.weight"] if p != "k"
+                      else torch.zeros(h, h) for p in "qkv"])
+    assert torch.allclose(qkv.up @ qkv.down, want, atol=1e-5)
+    back, _ = write(factors, "diffusers")
+    assert sorted(back) == sorted(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_xlabs_lora_reads_onto_official_modules_and_round_trips():
+    g = torch.Generator().manual_seed(2)
+    h, r = 64, 4
+    sd = {}
+    for key, (i, o) in {"double_blocks.0.processor.qkv_lora1": (h, 3 * h),
+                        "double_blocks.1.processor.proj_lora2": (h, h),
+                        "single_blocks.1.processor.qkv_lora": (h, 3 * h),
+                        "single_blocks.0.processor.proj_lora": (5 * h, h)}.items():
+        sd[f"{key}.down.weight"] = torch.randn(r, i, generator=g)
+        sd[f"{key}.up.weight"] = torch.randn(o, r, generator=g)
+    assert detect(sd) == "xlabs"
+    model = zoo.build({"arch": "flux", **TINY})
+    report = lora.load(model, sd, strict=True)
+    assert sorted(report.modules) == ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.proj",
+                                      "single_blocks.0.linear2", "single_blocks.1.linear1"]
+    lin1 = model.single_blocks[1].linear1.lora_up["default"].weight
+    assert lin1.shape == (7 * h, r) and not lin1[3 * h:].any()
+    back, _ = write(factors_of(model), "xlabs")
+    assert sorted(back) == sorted(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_comfy_and_kohya_names_load_into_the_model():
+    model = randomize(zoo.build({"arch": "flux", **TINY}))
+    factors = random_factors(model, seed=4)
+    x = flux_inputs()
+    outs = []
+    for fmt in ("ours", "comfy", "kohya", "diffusers"):
+        sd, meta = write(factors, fmt)
+        report = lora.load(model, sd, metadata=meta, adapter=fmt, strict=True)
+        assert len(report.modules) == len(factors)
+        with torch.no_grad():
+            outs.append(run_ours(model, x))
+    for o in outs[1:]:
+        assert max_rel_err(o, outs[0]) <= 1e-5
+
+
+def test_unmatched_keys_are_reported_and_strict_makes_them_an_error():
+    model = zoo.build({"arch": "flux", **TINY})
+    sd, _ = write({"double_blocks.0.img_attn.qkv": Factor(torch.randn(2, 64), torch.randn(192, 2), 2.0)}, "kohya")
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.randn(2, 8)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(8, 2)
+    sd["lora_unet_no_such_block.lora_down.weight"] = torch.randn(2, 8)
+    sd["lora_unet_no_such_block.lora_up.weight"] = torch.randn(8, 2)
+    with pytest.warns(UserWarning, match="2 key"):
+        report = lora.load(model, sd)
+    assert report.modules == ["double_blocks.0.img_attn.qkv"]
+    assert sorted(report.unmatched) == ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_unet_no_such_block"]
+    with pytest.raises(ValueError, match="lora_unet_no_such_block"):
+        lora.load(model, sd, adapter="again", strict=True)
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    model = zoo.build({"arch": "flux", **TINY})
+    sd, _ = write({"double_blocks.0.img_attn.qkv": Factor(torch.randn(2, 48), torch.randn(192, 2))}, "ours")
+    with pytest.raises(ValueError, match=r"double_blocks\.0\.img_attn\.qkv\.lora_down\.weight has shape \(2, 48\).*"
+                                         r"weight \(192, 64\)\) needs \(2, 64\)"):
+        lora.load(model, sd)
+    with pytest.raises(ValueError, match="not a LoRA in any known format"):
+        lora.load(model, {"img_in.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="unknown LoRA format"):
+        write({}, "lycoris")
+    with pytest.raises(ValueError, match="no LoRA file"):
+        lora.load(model, tmp_path / "missing.safetensors")
