@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -10,6 +11,14 @@ from collections.abc import Callable
 import torch
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def exact_rss() -> None:
+    """Re-exec this script with glibc's mmap threshold fixed at 64 KiB, so every large tensor is its own mapping:
+    RSS then rises and falls with the live tensors and `peak_rss_during` measures a call's own peak."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def rss_bytes() -> int:
@@ -47,6 +56,20 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, calls interleaved so that load from elsewhere hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:

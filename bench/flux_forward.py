@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
-from bench.common import count_flops, gemm_gflops, median_time, peak_rss_during  # noqa: E402
+from bench.common import count_flops, exact_rss, gemm_gflops, median_times, peak_rss_during  # noqa: E402
 from checkpoints_convert import flux_from_diffusers  # noqa: E402
 from zoo.flux import img_ids, txt_ids  # noqa: E402
 
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--img-tokens", type=int, default=1024)
     ap.add_argument("--txt-tokens", type=int, default=128)
     args = ap.parse_args()
+    exact_rss()
     torch.set_num_threads(args.threads)
     import diffusers
 
@@ -60,7 +61,8 @@ def main() -> None:
         err = (run_ours() - run_ref()).abs().max().item()
         flops = count_flops(run_ours)
         peak = gemm_gflops()
-        t_ref, t_ours = median_time(run_ref, args.repeats), median_time(run_ours, args.repeats)
+        times = median_times({"diffusers": run_ref, "zoo": run_ours}, args.repeats)
+        t_ref, t_ours = times["diffusers"], times["zoo"]
         _, mem_ref = peak_rss_during(run_ref)
         _, mem_ours = peak_rss_during(run_ours)
     print(f"threads {args.threads}, {side * side} image + {args.txt_tokens} text tokens, fp32, max |diff| {err:.2e}")
