@@ -1,0 +1,103 @@
+"""zoo.load: any layout -> official model on meta with assigned tensors; dtypes, fp8 storage, key reports."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from checkpoints_convert.convert import cast, convert
+from checkpoints_convert.io import save_file
+from layers.cast import CastLinear, cast_layers
+from tests.conftest import max_rel_err, randomize
+from zoo.load import LoadError
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return randomize(zoo.build("tiny-flux"), seed=0).eval()
+
+
+def _run(model, ref):
+    args, kwargs = ref.example_inputs(height=64, width=48, txt_len=5)
+    with torch.no_grad():
+        return model(*args, **kwargs), ref(*args, **kwargs)
+
+
+def test_official_file_loads_zero_copy_from_the_memory_map(tmp_path, ref):
+    save_file(ref.state_dict(), tmp_path / "flux.safetensors")
+    model = zoo.load("tiny-flux", tmp_path / "flux.safetensors")
+    got, want = _run(model, ref)
+    assert max_rel_err(got, want) <= 1e-6  # not bit-equal only because BLAS picks kernels by alignment
+    # every parameter is a view into the one mapping of the file: nothing was copied
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    assert not model.training
+
+
+@pytest.mark.parametrize("wrap", ["diffusers", "prefixed"])
+def test_config_detected_from_diffusers_or_prefixed_files(tmp_path, ref, wrap):
+    sd = convert(ref.state_dict(), to="diffusers") if wrap == "diffusers" else \
+        {f"model.diffusion_model.{k}": v for k, v in ref.state_dict().items()}
+    save_file(sd, tmp_path / "x.safetensors")
+    model = zoo.load(None, tmp_path / "x.safetensors")
+    assert model.params == ref.params  # tiny-flux: found among the shipped configs by its keys and shapes
+    got, want = _run(model, ref)
+    assert max_rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp8"])
+def test_low_precision_storage_computes_in_fp32(ref, dtype):
+    model = zoo.load("tiny-flux", ref.state_dict(), dtype=dtype, compute_dtype=torch.float32)
+    low = cast(ref.state_dict(), dtype)["img_in.weight"].dtype
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, CastLinear) and qkv.weight.dtype == low and qkv.bias.dtype == torch.float32
+    assert model.double_blocks[0].img_attn.norm.query_norm.scale.dtype == torch.float32
+    assert list(model.state_dict()) == list(ref.state_dict())  # same names: the file layout is unchanged
+    # the reference: an fp32 model holding exactly the rounded matmul weights (all of Flux's 2-D tensors)
+    rounded = randomize(zoo.build("tiny-flux")).eval()
+    rounded.load_state_dict({k: v.to(low).float() if v.ndim == 2 else v for k, v in ref.state_dict().items()})
+    got, want = _run(model, rounded)
+    assert got.dtype == torch.float32 and max_rel_err(got, want) <= 1e-5
+
+
+def test_fp8_file_keeps_fp8_weights_and_upcasts_per_layer(tmp_path, ref):
+    save_file(cast(ref.state_dict(), "fp8"), tmp_path / "fp8.safetensors")
+    model = zoo.load("tiny-flux", tmp_path / "fp8.safetensors", compute_dtype="fp32")
+    weights = [m.weight for m in model.modules() if isinstance(m, CastLinear)]
+    assert weights and all(w.dtype == torch.float8_e4m3fn for w in weights)
+    got, _ = _run(model, ref)
+    assert torch.isfinite(got).all()
+    # no compute dtype given: fp8 weights default to bfloat16 compute
+    assert zoo.load("tiny-flux", tmp_path / "fp8.safetensors").img_in.compute_dtype == torch.bfloat16
+
+
+def test_cast_layers_keep_names_and_match_plain_layers():
+    net = randomize(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 5)))
+    x = torch.randn(2, 3, 8, 8)
+    want, keys = net(x), list(net.state_dict())
+    assert cast_layers(net, torch.float32) == ["0", "2"]
+    assert list(net.state_dict()) == keys and type(net[2]) is CastLinear
+    assert torch.equal(net(x), want)
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        cast_layers(net, torch.float8_e4m3fn)
+
+
+def test_mismatches_reported_together_and_strict_false_returns_the_report(ref):
+    sd = dict(ref.state_dict())
+    del sd["img_in.bias"]
+    sd["extra.weight"] = torch.zeros(2)
+    sd["txt_in.weight"] = torch.zeros(3, 3)
+    with pytest.raises(LoadError, match=r"(?s)1 missing, 1 unexpected, 1 mis-shaped.*missing img_in.bias: "
+                                        r"expected \[64\].*unexpected extra.weight: \[2\].*"
+                                        r"mis-shaped txt_in.weight: file \[3, 3\], expected \[64, 48\]"):
+        zoo.load("tiny-flux", sd)
+    model, report = zoo.load("tiny-flux", sd, strict=False)
+    assert set(report.missing) == {"img_in.bias"} and set(report.mismatched) == {"txt_in.weight"}
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert torch.equal(model.txt_in.weight, torch.zeros(64, 48))  # mis-shaped: not taken, zero-filled
+    assert torch.equal(model.time_in.in_layer.weight, ref.time_in.in_layer.weight)
+
+
+def test_full_size_flux_dev_detects_and_plans_on_meta():
+    sd = zoo.build("flux-dev", device="meta").state_dict()
+    with pytest.raises(NotImplementedError):  # proves it got as far as copying meta tensors to the CPU
+        zoo.load(None, sd)

@@ -1,0 +1,172 @@
+"""`zoo.load`: build a model on `meta` and assign it the tensors of a checkpoint in any supported layout.
+
+Nothing is allocated for the model itself: each tensor comes from the memory-mapped file (converted to the
+official layout and to the requested dtype on the way) and becomes the parameter (`load_state_dict(assign=True)`),
+so peak memory stays near one copy of the weights. `dtype` is how the Linear/Conv weights are stored;
+`compute_dtype` what they are upcast to for each matmul (`layers.cast`), e.g. fp8 or bf16 storage computed in
+fp32 on a CPU without bf16 units.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from checkpoints_convert.convert import parse_dtype, select
+from checkpoints_convert.detect import DetectError, detect
+from checkpoints_convert.io import load_file
+from checkpoints_convert.keymap import KeyMapError
+from layers.cast import CASTS, cast_layers
+from zoo.registry import _read_spec, build, get_config, list_models
+
+FAMILY_OF_ARCH = {"flux": "flux", "unet": "unet", "controlnet": "controlnet", "t2i_adapter": "t2i_adapter",
+                  "sana": "sana", "autoencoder_kl": "autoencoder"}
+ARCH_OF_FAMILY = {v: k for k, v in FAMILY_OF_ARCH.items()}
+
+
+class LoadError(ValueError):
+    """Checkpoint and model disagree: the message lists missing, unexpected and mis-shaped keys together."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """Keys the model expects but the checkpoint lacks, keys it has that the model lacks, and shape mismatches."""
+
+    missing: dict[str, tuple] = dataclasses.field(default_factory=dict)  # key -> expected shape
+    unexpected: dict[str, tuple] = dataclasses.field(default_factory=dict)  # key -> shape in the file
+    mismatched: dict[str, tuple[tuple, tuple]] = dataclasses.field(default_factory=dict)  # key -> (file, expected)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return "all keys matched"
+        lines = [f"missing {k}: expected {list(s)}" for k, s in self.missing.items()]
+        lines += [f"unexpected {k}: {list(s)}" for k, s in self.unexpected.items()]
+        lines += [f"mis-shaped {k}: file {list(a)}, expected {list(b)}" for k, (a, b) in self.mismatched.items()]
+        head = (f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} mis-shaped "
+                "key(s)")
+        more = f"\n  ... and {len(lines) - 40} more" if len(lines) > 40 else ""
+        return head + ":\n  " + "\n  ".join(lines[:40]) + more
+
+
+def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, Mapping[str, Tensor]]:
+    """The shipped config whose model has exactly the checkpoint's keys and shapes (else fields read off them)."""
+    det = detect(sd)
+    arch = ARCH_OF_FAMILY.get(det.family)
+    if arch is None:
+        raise DetectError(f"this checkpoint holds {det}, which zoo.load does not build; pass a config")
+    official = _official(sd, arch)
+    shapes = {k: tuple(v.shape) for k, v in official.items()}
+    names = [det.config] if det.config in list_models() else []
+    names += [n for n in list_models() if n not in names and _read_spec(n)["arch"] == arch]
+    for name in names:
+        got = {k: tuple(v.shape) for k, v in build(name, device="meta").state_dict().items()}
+        if got == shapes:
+            return get_config(name), official
+    if det.fields:
+        return get_config(det.fields), official
+    raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
+                      f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
+
+
+def _official(sd: Mapping[str, Tensor], arch: str) -> Mapping[str, Tensor]:
+    """Strip wrapper prefixes and convert diffusers layouts to the official one (views where possible)."""
+    family = FAMILY_OF_ARCH.get(arch)
+    if family is None:
+        return sd  # an arch with no detection signature: keys are taken as they are
+    try:
+        det, sub = select(sd, family)
+    except DetectError:
+        return sd  # not recognisable (e.g. a pruned file): compare keys as they are, the report says what is off
+    if det.layout == "official":
+        return sub
+    from checkpoints_convert.convert import key_map  # a family without a key map fails here, naming itself
+
+    try:
+        return key_map(family, "official")(sub)
+    except KeyMapError as e:
+        raise LoadError(f"cannot convert this {det} checkpoint to the official layout: {e}") from None
+
+
+def _target_dtype(t: Tensor, is_matmul_weight: bool, dtype: torch.dtype | None,
+                  compute_dtype: torch.dtype | None) -> torch.dtype:
+    if not t.is_floating_point():
+        return t.dtype
+    if is_matmul_weight:
+        return dtype or t.dtype
+    # everything that is no matmul weight (norms, biases, tables) is tiny: keep it in the compute dtype
+    wanted = compute_dtype or dtype or t.dtype
+    return torch.bfloat16 if wanted.itemsize == 1 else wanted
+
+
+def load(
+    spec: str | Path | dict | Any | None,
+    source: str | Path | Mapping[str, Tensor],
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
+    ema: bool = False,
+) -> nn.Module | tuple[nn.Module, LoadReport]:
+    """Build `spec` (name, YAML, dict, config; None: detect) on meta and assign the checkpoint's tensors.
+
+    `dtype` (fp32/bf16/fp16/fp8 or a torch dtype; None keeps the file's) stores the Linear/Conv weights;
+    `compute_dtype` makes those layers upcast for each matmul (default for fp8 weights: bfloat16).
+    `strict=False` returns `(model, report)` and zero-fills what is missing instead of raising.
+    """
+    sd = source if isinstance(source, Mapping) else load_file(source, ema=ema)
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    compute_dtype = parse_dtype(compute_dtype) if compute_dtype is not None else None
+    if spec is None:
+        config, sd = _resolve(sd)
+        model = build(config, device="meta")
+    else:
+        config = get_config(spec)
+        model = build(config, device="meta")
+        sd = _official(sd, model.arch)
+
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    matmul = {f"{n}.weight".lstrip(".") for n, m in model.named_modules() if type(m) in layers or isinstance(m, CASTS)}
+    stored_fp8 = any(sd[k].dtype.itemsize == 1 and sd[k].is_floating_point() for k in matmul if k in sd)
+    if compute_dtype is None and ((dtype is not None and dtype.itemsize == 1) or (dtype is None and stored_fp8)):
+        compute_dtype = torch.bfloat16  # fp8 cannot be computed in: upcast per layer, as fp8 Flux files are run
+    if compute_dtype is not None:
+        cast_layers(model, compute_dtype)
+
+    expected = model.state_dict()  # meta tensors: names, shapes
+    report = LoadReport(
+        missing={k: tuple(v.shape) for k, v in expected.items() if k not in sd},
+        unexpected={k: tuple(v.shape) for k, v in sd.items() if k not in expected},
+        mismatched={k: (tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items()
+                    if k in sd and sd[k].shape != v.shape},
+    )
+    if strict and not report.ok:
+        raise LoadError(f"checkpoint does not fit {type(model).__name__} ({_name(spec, config)}): {report}")
+
+    tensors = {}
+    for k, want in expected.items():
+        if k in sd and k not in report.mismatched:
+            t = sd[k]
+            tensors[k] = t.to(device=device, dtype=_target_dtype(t, k in matmul, dtype, compute_dtype))
+        else:  # strict=False: a zero tensor, listed in the report, so the model can run once it is filled
+            ref = torch.empty(0, dtype=dtype or torch.float32)
+            tensors[k] = torch.zeros(want.shape, device=device,
+                                     dtype=_target_dtype(ref, k in matmul, dtype, compute_dtype))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LoadError(f"tensors not in the state dict stayed on meta (non-persistent buffers?): {left[:10]}")
+    model.eval()
+    return model if strict else (model, report)
+
+
+def _name(spec, config) -> str:
+    return str(spec) if isinstance(spec, (str, Path)) else type(config).__name__
