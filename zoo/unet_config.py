@@ -20,9 +20,9 @@ class UNetConfig:
 
     in_channels: int
     model_channels: int
-    out_channels: int | None  # None: same as in_channels (a ControlNet has none)
     num_res_blocks: int | list[int]
     attention_resolutions: list[int]  # downsampling factors (1, 2, 4, ...) whose blocks get a SpatialTransformer
+    out_channels: int | None = None  # None: same as in_channels (required by UNetModel; a ControlNet has none)
     dropout: float = 0.0
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     conv_resample: bool = True
