@@ -9,6 +9,7 @@
 from zoo import flux  # noqa: F401  (registers the arch)
 from zoo import controlnet, unet  # noqa: F401
 from zoo import sana  # noqa: F401
+from zoo import autoencoder  # noqa: F401
 from zoo.load import load
 from zoo.registry import build, get_config, list_archs, list_models, register
 from zoo.trace import example_inputs, trace
