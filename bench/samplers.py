@@ -1,0 +1,153 @@
+"""Samplers: convergence order, model evaluations to a target error, and per-step overhead vs diffusers.
+
+    python bench/samplers.py [--max-steps 400 --repeats 7]
+
+Accuracy uses exact models and exact ODE solutions (samplers.analytic): Gaussian data N(mu, 4 I) on the default
+grids and on a VP grid uniform in lambda, and a 1-D two-Gaussian mixture for the third-order solvers. Overhead
+runs a model that returns a constant tensor, so all time left is the sampler's: `samplers.sample` against
+diffusers' set_timesteps + step loop, medians of interleaved runs (bench.common).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the samplers package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+import samplers  # noqa: E402
+from bench.common import median_times  # noqa: E402
+from samplers.analytic import Gaussian, Mixture1D  # noqa: E402
+
+DETERMINISTIC = [n for n in samplers.SAMPLERS if n != "euler_a"]  # euler_a follows the SDE, not the ODE
+GAUSS = Gaussian(mu=torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), s=2.0)
+MIXTURE = Mixture1D(
+    w=torch.tensor([0.3, 0.7], dtype=torch.float64),
+    m=torch.tensor([-1.5, 1.0], dtype=torch.float64),
+    s=torch.tensor([0.3, 0.6], dtype=torch.float64),
+)
+NOISE = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-2.5, 2.5)
+FLOW = samplers.FlowSchedule(shift=3.0)
+VP_CLEAN = samplers.VPSchedule("scaled_linear", timestep_spacing="trailing")
+VP_T0 = samplers.VPSchedule("scaled_linear", set_alpha_to_one=False)
+
+
+def vp_lambda_grid(n: int, graded: bool = False) -> list[float]:
+    """n steps uniform in lambda from timestep 999 to 0 (both noisy); `graded` adds an O(h^2) first step."""
+    lo, hi = VP_T0.lambda_t(999), VP_T0.lambda_t(0)
+    lams = [lo + (hi - lo) * i / n for i in range(n + 1)]
+    if graded:
+        lams.insert(1, lo + (hi - lo) / n**2)
+    return [999.0] + [VP_T0.time_from_ve_sigma(math.exp(-lam)) for lam in lams[1:-1]] + [0.0]
+
+
+# (title, problem, schedule, grid(steps) -> timesteps)
+SETTINGS = [
+    ("Gaussian, flow shift=3, default grid 1 -> 0", GAUSS, FLOW, FLOW.grid),
+    ("Gaussian, VP SD trailing, default grid 999 -> clean", GAUSS, VP_CLEAN, VP_CLEAN.grid),
+    ("Gaussian, VP SD, uniform in lambda 999 -> 0", GAUSS, VP_T0, vp_lambda_grid),
+    ("mixture, VP SD, uniform in lambda 999 -> 0, graded start", MIXTURE, VP_T0, lambda n: vp_lambda_grid(n, True)),
+]
+
+
+def run(problem, schedule: samplers.Schedule, grid, sampler: str, steps: int) -> tuple[float, int]:
+    """(relative error against the exact ODE solution, model evaluations)."""
+    calls = [0]
+    model = problem.model_fn(schedule)
+
+    def counted(x, t):
+        calls[0] += 1
+        return model(x, t)
+
+    ts = grid(steps)
+    x = samplers.sample(counted, NOISE, sampler=sampler, schedule=schedule, timesteps=ts)
+    exact = problem.solve(schedule, NOISE, ts[0], min(ts[-1], schedule.end_time))
+    return ((x - exact).norm() / exact.norm()).item(), calls[0]
+
+
+def order_table() -> None:
+    steps = (5, 10, 20, 40, 80)
+    for title, problem, schedule, grid in SETTINGS:
+        print(f"\n### Relative error, {title}; order = slope fitted on 20..80 steps\n")
+        print("| sampler | " + " | ".join(f"{n} steps" for n in steps) + " | order |")
+        print("|---" * (len(steps) + 2) + "|")
+        for sampler in DETERMINISTIC:
+            errs = [run(problem, schedule, grid, sampler, n)[0] for n in steps]
+            slope = -np.polyfit(np.log(steps[2:]), np.log(errs[2:]), 1)[0]
+            print(f"| {sampler} | " + " | ".join(f"{e:.2e}" for e in errs) + f" | {slope:.2f} |")
+
+
+def nfe_table(max_steps: int) -> None:
+    for title, problem, schedule, grid in SETTINGS[:2]:
+        print(f"\n### Model evaluations to reach a relative error, {title}\n")
+        print("| sampler | error <= 1e-2 | error <= 1e-3 |")
+        print("|---|---|---|")
+        for sampler in DETERMINISTIC:
+            found = {}
+            for n in range(1, max_steps + 1):
+                err, nfe = run(problem, schedule, grid, sampler, n)
+                for tol in (1e-2, 1e-3):
+                    if err <= tol and tol not in found:
+                        found[tol] = nfe
+                if 1e-3 in found:
+                    break
+            cells = [str(found.get(tol, f"> {max_steps} steps")) for tol in (1e-2, 1e-3)]
+            print(f"| {sampler} | {cells[0]} | {cells[1]} |")
+
+
+def overhead_table(shape: tuple[int, ...], steps: int, repeats: int) -> None:
+    """Seconds per step spent outside the model, ours vs diffusers' set_timesteps + step loop."""
+    import diffusers
+
+    x0 = torch.randn(shape)
+    out = torch.randn(shape)
+    model = lambda x, t: out  # a constant: the model costs nothing, what remains is the sampler
+
+    def loop(sched, **set_kw):
+        sched.set_timesteps(steps, **set_kw)
+        x = x0
+        for t in sched.timesteps:
+            x = sched.step(model(x, t), t, x).prev_sample
+        return x
+
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ours = lambda name, schedule: lambda: samplers.sample(model, x0, sampler=name, steps=steps, schedule=schedule)
+    pairs = [
+        ("euler (flow)", ours("euler", samplers.FlowSchedule(shift=3.0)),
+         lambda: loop(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))),
+        ("ddim (SD)", ours("ddim", samplers.VPSchedule()),
+         lambda: loop(diffusers.DDIMScheduler(**sd, clip_sample=False))),
+        ("dpm++2m (SD)", ours("dpm++2m", samplers.VPSchedule()),
+         lambda: loop(diffusers.DPMSolverMultistepScheduler(**sd))),
+    ]  # fmt: skip
+    print(f"\n### Per-step overhead of the sampler itself, latents {tuple(shape)} float32, {steps} steps\n")
+    print("| sampler | samplers.sample | diffusers loop | ratio (ours / diffusers) |")
+    print("|---|---|---|---|")
+    for name, mine, theirs in pairs:
+        t = median_times({"ours": mine, "diffusers": theirs}, repeats=repeats)
+        t_ours, t_theirs = t["ours"] / steps, t["diffusers"] / steps
+        print(f"| {name} | {t_ours * 1e6:.0f} us | {t_theirs * 1e6:.0f} us | {t_ours / t_theirs:.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-steps", type=int, default=400, help="search limit for the evaluations table")
+    p.add_argument("--repeats", type=int, default=7, help="timing repeats (the median is reported)")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # the sampler's own work is small elementwise ops; threads only add noise
+    order_table()
+    nfe_table(args.max_steps)
+    try:
+        overhead_table((1, 4, 64, 64), steps=50, repeats=args.repeats)
+        overhead_table((1, 4), steps=50, repeats=args.repeats)
+    except ImportError:
+        print("\n(diffusers not installed: overhead comparison skipped)")
+
+
+if __name__ == "__main__":
+    main()
