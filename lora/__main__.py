@@ -1,0 +1,140 @@
+"""`python -m lora extract|inspect|convert`: LoRA extraction from a fine-tune, a file's summary, format conversion."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lora.extract import extract
+from lora.formats import FORMATS, convert, load_file, read, save_file
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class LazyFile(Mapping):
+    """A .safetensors file as a mapping that reads each tensor when asked (two full models need not fit in RAM)."""
+
+    def __init__(self, path: Path):
+        self._f = safe_open(str(path), framework="pt")
+        self._keys = list(self._f.keys())
+        self._set = set(self._keys)
+
+    def __getitem__(self, k):
+        return self._f.get_tensor(k)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, k):
+        return k in self._set
+
+
+def _checkpoint(path: str):
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: no file at {p}")
+    return LazyFile(p) if p.suffix == ".safetensors" else load_file(p)[0]
+
+
+def _check_out(out: str, *inputs: str) -> Path:
+    """Never overwrite an input: the output must be another file."""
+    o = Path(out)
+    for i in inputs:
+        if (o.exists() and os.path.samefile(o, i)) or o.resolve() == Path(i).resolve():
+            raise SystemExit(f"error: output {o} is the input {i}; refusing to overwrite it")
+    if not o.parent.is_dir():
+        raise SystemExit(f"error: folder {o.parent} does not exist")
+    return o
+
+
+def _bar(i: int, n: int, name: str) -> None:
+    width = 30
+    done = width * i // max(n, 1)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {name[:60]:<60}")
+    if i == n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def cmd_extract(a) -> None:
+    out = _check_out(a.out, a.base, a.tuned)
+    rank = None if a.rank == "full" else int(a.rank)
+    conv = None if a.conv_rank in (None, "full") else int(a.conv_rank)
+    if a.conv_rank is None:
+        conv = rank
+    sd, report = extract(_checkpoint(a.base), _checkpoint(a.tuned), rank=rank, conv_rank=conv,
+                         clamp_quantile=a.clamp_quantile, min_diff=a.min_diff, method=a.method, device=a.device,
+                         dtype=DTYPES.get(a.dtype), format=a.format, progress=None if a.quiet else _bar)
+    save_file(sd, out, {"format": "pt", "lora_format": a.format})
+    text = str(report).splitlines()
+    print("\n".join(text if a.verbose else text[:1] + sorted(text[1:-1], key=lambda r: -float(r.split()[-1]))[:10]
+                    + text[-1:]))
+    print(f"wrote {out} ({len(sd)} tensors, {a.format})")
+
+
+def cmd_inspect(a) -> None:
+    sd, meta = load_file(a.file)
+    factors, unmatched, fmt = read(sd, meta)
+    print(f"{a.file}: {fmt} LoRA, {len(factors)} module(s), {sum(t.numel() for t in sd.values()):,} parameters")
+    ranks = Counter(f.down.shape[0] for f in factors.values())
+    alphas = Counter(f.alpha if f.alpha is not None else f.down.shape[0] for f in factors.values())
+    print(f"ranks: {dict(sorted(ranks.items()))}; alphas: {dict(sorted(alphas.items()))}")
+    for n, f in factors.items():
+        alpha = f.alpha if f.alpha is not None else f.down.shape[0]
+        print(f"  {n:<60} rank {f.down.shape[0]:>4}  alpha {alpha:g}  delta {tuple(f.up.shape[:1])}x"
+              f"{tuple(f.down.shape[1:])}")
+    if unmatched:
+        print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}")
+
+
+def cmd_convert(a) -> None:
+    out = _check_out(a.out, a.src)
+    sd, meta = load_file(a.src)
+    new, new_meta, unmatched = convert(sd, a.to, meta, drop_unmatched=a.drop_unmatched)
+    save_file(new, out, new_meta)
+    print(f"wrote {out}: {len(new)} tensors in {a.to} format" +
+          (f"; dropped {len(unmatched)} unplaced key(s): {unmatched[:10]}" if unmatched else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lora", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract", help="LoRA from base and fine-tuned checkpoints by SVD of the differences")
+    e.add_argument("--base", required=True)
+    e.add_argument("--tuned", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--rank", default="32", help="rank of linear layers, or 'full'")
+    e.add_argument("--conv-rank", default=None, help="rank of k x k convs (default: --rank), or 'full'")
+    e.add_argument("--clamp-quantile", type=float, default=None)
+    e.add_argument("--min-diff", type=float, default=1e-6, help="skip layers whose max |dW| is at most this")
+    e.add_argument("--method", choices=["svd", "randomized"], default="svd")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", choices=list(DTYPES), default=None, help="dtype of the factors (default: the base's)")
+    e.add_argument("--format", choices=list(FORMATS), default="kohya")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--verbose", action="store_true", help="print every module's error, not the worst 10")
+    i = sub.add_parser("inspect", help="format, targets, ranks and alphas of a LoRA file")
+    i.add_argument("file")
+    c = sub.add_parser("convert", help="rewrite a LoRA in another format")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--to", required=True, choices=list(FORMATS))
+    c.add_argument("--drop-unmatched", action="store_true", help="drop (and list) keys no known module takes")
+    a = p.parse_args(argv)
+    try:
+        {"extract": cmd_extract, "inspect": cmd_inspect, "convert": cmd_convert}[a.cmd](a)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
