@@ -11,7 +11,7 @@ import os
 import pickle
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -230,8 +230,11 @@ def _bytes_of(t: Tensor):
 
 
 def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None, *,
-              source: str | Path | None = None) -> Path:
-    """Write safetensors atomically (temp file + rename); refuses to overwrite a file the tensors were read from."""
+              source: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write safetensors atomically (temp file + rename); refuses to overwrite a file the tensors were read from.
+
+    `progress(bytes_done, bytes_total)` is called after each tensor is written.
+    """
     path = Path(path)
     inputs = list(getattr(state_dict, "paths", ())) + ([Path(source)] if source is not None else [])
     if path.exists() and any(p.exists() and os.path.samefile(p, path) for p in inputs):
@@ -254,8 +257,12 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
+            done = 0
             for t in state_dict.values():
                 f.write(_bytes_of(t))  # one tensor at a time: memory stays at the largest tensor
+                done += t.numel() * t.element_size()
+                if progress is not None:
+                    progress(done, offset)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,109 @@
+"""`python -m checkpoints_convert SRC DST --to official|diffusers [--dtype ..] [--family ..]`; `... inspect FILE`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import configs
+from checkpoints_convert.convert import DTYPES, LAYOUTS, convert
+from checkpoints_convert.detect import DetectError, detect
+from checkpoints_convert.io import NAMES, CheckpointError, load_file, save_file
+
+SHIPPED = {p.stem for p in Path(configs.__file__).parent.glob("*.yaml")}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+class _Bar:
+    """A one-line progress bar on stderr, redrawn only when the whole percentage changes."""
+
+    def __init__(self, width: int = 30):
+        self.width, self.last = width, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        if pct == self.last:
+            return
+        self.last, fill = pct, self.width * pct // 100
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {pct:3d}% {_gb(done)} / {_gb(total)}")
+        sys.stderr.write("\n" if done >= total else "")
+        sys.stderr.flush()
+
+
+def _nbytes(sd) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def run_convert(args: argparse.Namespace) -> str:
+    start = time.perf_counter()
+    dst = Path(args.dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"{dst}: the output is written as safetensors; give a path ending in .safetensors")
+    sd = load_file(args.src, ema=args.ema)
+    out = convert(sd, to=args.to, family=args.family, dtype=args.dtype)
+    meta = dict(out.metadata)
+    save_file(out, dst, meta, source=args.src, progress=None if args.quiet else _Bar())
+    return (f"{len(out)} tensors ({meta['zoo_family']} -> {args.to}{', ' + args.dtype if args.dtype else ''}): "
+            f"{_gb(_nbytes(sd))} in, {_gb(_nbytes(out))} out, {time.perf_counter() - start:.1f} s -> {dst}")
+
+
+def run_inspect(path: str) -> str:
+    sd = load_file(path)
+    dtypes = Counter(NAMES.get(t.dtype, str(t.dtype)) for t in sd.values())
+    params = sum(t.numel() for t in sd.values() if t.is_floating_point())
+    lines = [f"file: {path} ({len(sd)} tensors, {_gb(_nbytes(sd))})"]
+    try:
+        det = detect(sd)
+        lines.append(f"model: {det}")
+        if det.family != "lora":
+            if det.config in SHIPPED:
+                lines.append(f"zoo config: {det.config}  ->  zoo.load({det.config!r}, {str(path)!r})")
+            else:
+                lines.append("zoo config: no release matches; zoo.load(None, FILE) tries every shipped config of "
+                             "the family by keys and shapes" + (", else builds from the fields read off the shapes"
+                                                                if det.fields else ""))
+    except DetectError as e:
+        lines.append(f"model: not recognised ({str(e).splitlines()[0]})")
+    lines.append("dtypes: " + ", ".join(f"{n} x {c}" for n, c in dtypes.most_common()))
+    lines.append(f"parameters: {params:,} ({params / 1e9:.2f} B)" if params >= 1e8 else f"parameters: {params:,}")
+    if getattr(sd, "metadata", None):
+        lines.append("metadata: " + ", ".join(f"{k}={v[:60]}" for k, v in sorted(sd.metadata.items())))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        p = argparse.ArgumentParser(prog="python -m checkpoints_convert inspect",
+                                    description="Print a checkpoint's family, layout, dtypes and parameter count.")
+        p.add_argument("file")
+        args = p.parse_args(argv[1:])
+        action = lambda: run_inspect(args.file)
+    else:
+        p = argparse.ArgumentParser(prog="python -m checkpoints_convert",
+                                    description="Convert a checkpoint between the official and diffusers layouts "
+                                                "(lossless unless --dtype); `inspect FILE` describes one.")
+        p.add_argument("src", help="safetensors file, sharded index, model folder or weights-only .ckpt/.pt/.bin")
+        p.add_argument("dst", help="output .safetensors (written atomically; never the input)")
+        p.add_argument("--to", required=True, choices=LAYOUTS)
+        p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (fp8: matmul weights only)")
+        p.add_argument("--family", help="pick this model from a multi-model file (flux, unet, autoencoder, ...)")
+        p.add_argument("--ema", action="store_true", help="take the EMA weights of the file")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        args = p.parse_args(argv)
+        action = lambda: run_convert(args)
+    try:
+        print(action())
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
