@@ -18,9 +18,11 @@ FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasat
 INITS = ("zeros", "gaussian", "none")
 
 
-def adapter_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype adapters of a base stored as `weight` compute in: the base's, or bf16 for fp8 storage."""
-    return torch.bfloat16 if weight.dtype in FP8 else weight.dtype
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype of a base layer's adapters: its compute dtype (`layers.cast`), else its weight's (fp8: bf16)."""
+    if getattr(base, "compute_dtype", None) is not None:
+        return base.compute_dtype
+    return torch.bfloat16 if base.weight.dtype in FP8 else base.weight.dtype
 
 
 class LoRALayer(nn.Module):
@@ -64,7 +66,7 @@ class LoRALayer(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if self.merged:
             raise ValueError("cannot add an adapter to a merged layer; unmerge first")
-        down, up = self._factors(rank, dtype or adapter_dtype(self.weight), self.weight.device)
+        down, up = self._factors(rank, dtype or adapter_dtype(self.base), self.weight.device)
         if init != "none" and not down.weight.is_meta:
             with torch.no_grad():
                 if init == "zeros":  # the paper's: A random, B zero, so the adapter starts as the identity
@@ -109,10 +111,13 @@ class LoRALayer(nn.Module):
 
     # ---- forward ----
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if w.dtype in FP8:  # fp8 storage: upcast at compute
-            w = w.to(x.dtype)
-        out = self._base_forward(x, w)
+        base = self.base
+        if base.weight is not self.weight or base.bias is not self.bias:  # load_state_dict(assign=True) swapped ours
+            base.weight, base.bias = self.weight, self.bias
+        if self.weight.dtype in FP8 and not hasattr(base, "compute_dtype"):  # plain layer, fp8 storage: upcast
+            out = self._base_forward(x, self.weight.to(x.dtype))
+        else:  # the base's own forward (a `layers.cast` layer computes in its compute_dtype)
+            out = base(x)
         for name, weight in self.active.items():
             if name in self.merged or weight == 0:
                 continue

@@ -202,3 +202,33 @@ def test_bad_input_is_a_clear_error():
         lora.set_adapter(model, ["default", "default"], weights=[1.0])
     with pytest.raises(ValueError, match="groups=1"):
         lora.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_fp8_stored_base_with_cast_layers_gets_adapters_in_the_compute_dtype():
+    from layers.cast import cast_layers
+
+    ref = randomize(Tiny(), seed=8)
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name in ("proj", "conv", "out"):
+            w = getattr(model, name).weight
+            w.data = w.data.to(torch.float8_e4m3fn)
+            getattr(ref, name).weight.copy_(w.float())  # the reference sees the same rounded weights
+    cast_layers(model, torch.float32)
+    for net in (ref, model):
+        lora.inject(net, ["proj", "conv"], rank=2, alpha=3)
+    assert model.proj.lora_down["default"].weight.dtype == torch.float32
+    fill_adapter(ref, "default", 9)
+    fill_adapter(model, "default", 9)
+    x = inputs(3)
+    with torch.no_grad():
+        for o, w in zip(model(*x), ref(*x)):
+            assert o.dtype == torch.float32 and max_rel_err(o, w) <= 1e-6
+        # a plain (not cast) layer storing fp8 upcasts to the input's dtype
+        plain = lora.LoRALinear(nn.Linear(8, 12))
+        plain.weight.data = plain.weight.data.to(torch.float8_e4m3fn)
+        plain.add_adapter("a", 2)
+        assert plain.lora_down["a"].weight.dtype == torch.bfloat16
+        assert plain(x[0]).dtype == torch.float32
+        with pytest.raises(ValueError, match="fp8"):
+            plain.merge()
