@@ -56,15 +56,16 @@ class Schedule:
 
     def to_x0_eps(self, out: Tensor, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """Turn a model output at (alpha, sigma) into the predicted clean data x0 and noise eps."""
+        # torch.add(a, b, alpha=c) = a + c b in one pass: these run on full latents at every step.
         p = self.prediction
         if p == "eps":
-            return (x - sigma * out) / alpha, out
+            return torch.add(x, out, alpha=-sigma).div_(alpha), out
         if p == "x0":
-            return out, (x - alpha * out) / sigma
+            return out, torch.add(x, out, alpha=-alpha).div_(sigma)
         if p == "v":  # v = alpha eps - sigma x0 (Salimans & Ho 2022), with alpha^2 + sigma^2 = 1
-            return alpha * x - sigma * out, sigma * x + alpha * out
+            return torch.add(alpha * x, out, alpha=-sigma), torch.add(sigma * x, out, alpha=alpha)
         # flow: out = eps - x0 with alpha + sigma = 1
-        return x - sigma * out, x + alpha * out
+        return torch.add(x, out, alpha=-sigma), torch.add(x, out, alpha=alpha)
 
 
 def log_snr(alpha: float, sigma: float) -> float:

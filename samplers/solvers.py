@@ -45,7 +45,7 @@ def euler(denoise: Denoiser, x: Tensor, g: Grid, callback: Callback = None) -> T
     for i in range(g.steps):
         x0, eps = denoise(x, i)
         (n0, s0), (n1, s1) = _flow_coords(g, i), _flow_coords(g, i + 1)
-        x = (n1 / n0) * x + (n1 * (s1 - s0)) * (eps - x0)
+        x = torch.add(x if n1 == n0 else (n1 / n0) * x, eps - x0, alpha=n1 * (s1 - s0))
         if callback is not None:
             callback(i + 1, g.steps, x)
     return x
@@ -86,7 +86,7 @@ def ddim(
         if eta > 0 and s1 > 0:
             e_mh = g.alpha[i] * s1 / (a1 * g.sigma[i])  # e^{-h}, h = lambda' - lambda
             s_up = min(s1, eta * s1 * math.sqrt(max(0.0, 1.0 - e_mh * e_mh)))
-        x = a1 * x0 + math.sqrt(s1 * s1 - s_up * s_up) * eps
+        x = torch.add(a1 * x0, eps, alpha=math.sqrt(s1 * s1 - s_up * s_up))
         if s_up > 0:
             x = x + s_up * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         if callback is not None:
@@ -126,18 +126,18 @@ def dpm_multistep(
         if data:
             # DPM-Solver++(1): x' = (s1/s0) x + a1 (1 - e^{-h}) x0, finite at both infinite ends of lambda.
             phi = -math.expm1(-h)
-            x = (s1 / s0) * x + (a1 * phi) * hist[0]
+            x = torch.add((s1 / s0) * x, hist[0], alpha=a1 * phi)
             mid, b1, b2 = 0.5 * a1 * phi, a1 * (1 - phi / h), -a1 * ((h - phi) / h**2 - 0.5)
         else:
             # DPM-Solver(1) = (a1/a0) x - s1 (e^h - 1) eps, written as DDIM so a start at alpha = 0 stays finite.
-            x = a1 * x0 + s1 * eps
+            x = torch.add(a1 * x0, eps, alpha=s1)
             em1 = math.expm1(h) if k > 1 else 0.0
             mid, b1, b2 = -0.5 * s1 * em1, -s1 * (em1 / h - 1), -s1 * ((em1 - h) / h**2 - 0.5)
         if k >= 2:
             r0 = (g.lam[i] - g.lam[i - 1]) / h
             d1_0 = (hist[0] - hist[1]) * (1 / r0)
             if k == 2:
-                x = x + mid * d1_0
+                x = torch.add(x, d1_0, alpha=mid)
             else:
                 r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
                 d1_1 = (hist[1] - hist[2]) * (1 / r1)
