@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from lora.extract import extract
-from lora.formats import FORMATS, convert, load_file, read, save_file
+from lora.formats import FORMATS, convert, family_of_checkpoint, load_file, read, save_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -99,7 +99,11 @@ def cmd_inspect(a) -> None:
 def cmd_convert(a) -> None:
     out = _check_out(a.out, a.src)
     sd, meta = load_file(a.src)
-    new, new_meta, unmatched = convert(sd, a.to, meta, drop_unmatched=a.drop_unmatched)
+    family = None
+    if a.base:
+        with safe_open(a.base, framework="pt") as f:
+            family = family_of_checkpoint({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    new, new_meta, unmatched = convert(sd, a.to, meta, family=family, drop_unmatched=a.drop_unmatched)
     save_file(new, out, new_meta)
     print(f"wrote {out}: {len(new)} tensors in {a.to} format" +
           (f"; dropped {len(unmatched)} unplaced key(s): {unmatched[:10]}" if unmatched else ""))
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--to", required=True, choices=list(FORMATS))
+    c.add_argument("--base", default=None, help="a .safetensors checkpoint of the base model, to map its names "
+                   "(needed for UNet LoRAs with diffusers names)")
     c.add_argument("--drop-unmatched", action="store_true", help="drop (and list) keys no known module takes")
     a = p.parse_args(argv)
     try:

@@ -27,6 +27,7 @@ from checkpoints_convert.keymap import Entry
 from lora.inject import inject, list_targets, lora_layers
 
 FORMATS = ("ours", "comfy", "kohya", "diffusers", "xlabs")
+LABEL = "add_embedding"  # where diffusers puts SDXL's `label_emb` (text_time)
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 _ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
           ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
@@ -78,19 +79,32 @@ def flux_family(names: list[str], hidden: int, mlp_hidden: int | None = None) ->
     return Family("flux", flux_entries(depth, single, hidden), "transformer", rows)
 
 
-def family_of_model(model: nn.Module) -> Family:
-    names = list_targets(model)
-    mods = dict(model.named_modules())
-    if "double_blocks.0.img_attn.qkv" in mods or "single_blocks.0.linear1" in mods:
-        hidden = mods["img_in"].weight.shape[0]
-        fam = flux_family(names, hidden)
-        fam.rows = {n: mods[n].weight.shape[0] for n in fam.rows if n in mods}
+def family_of_checkpoint(shapes: dict[str, tuple[int, ...]]) -> Family:
+    """The family of a full model checkpoint (official or diffusers layout) from its keys and shapes."""
+    p = next((p for p in _PREFIXES[:2] if any(k.startswith(p) for k in shapes)), "")
+    shapes = {k[len(p):]: tuple(v) for k, v in shapes.items() if k.startswith(p)}
+    keys = set(shapes)
+    if "img_in.weight" in keys or "x_embedder.weight" in keys and "context_embedder.weight" in keys:
+        hidden = shapes.get("img_in.weight", shapes.get("x_embedder.weight"))[0]
+        mlp = shapes.get("single_transformer_blocks.0.proj_mlp.weight", (None,))[0]
+        fam = flux_family(list(keys), hidden, mlp)
+        fam.rows |= {n: shapes[f"{n}.weight"][0] for n in fam.rows if f"{n}.weight" in shapes}
         return fam
+    from checkpoints_convert import unet as u
+
+    if "input_blocks.0.0.weight" in keys:
+        return Family("unet", u.unet_entries(u._official_structure(keys), u._official_label(keys, LABEL)), "unet")
+    if "conv_in.weight" in keys and "down_blocks.0.resnets.0.conv1.weight" in keys:
+        return Family("unet", u.unet_entries(u._diffusers_structure(keys), u._diffusers_label(keys)), "unet")
     return Family()
 
 
+def family_of_model(model: nn.Module) -> Family:
+    return family_of_checkpoint({k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+
 def family_of_keys(modules: list[str], factors: dict[str, Factor]) -> Family:
-    """Guess the family from LoRA module names alone (for conversion without a model)."""
+    """Guess the family from LoRA module names alone (Flux; a UNet's diffusers names need `family_of_checkpoint`)."""
     if any(re.search(r"(double|single)_(transformer_)?blocks|^transformer_blocks", m) for m in modules):
         hidden = next((f.down.shape[1] for m, f in factors.items()
                        if re.search(r"(qkv|linear1|to_q|to_k|to_v|add_[qkv]_proj)$", m)), 3072)
@@ -172,9 +186,12 @@ def _strip(name: str) -> str:
     return name
 
 
-def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Module | None = None
-         ) -> tuple[dict[str, Factor], list[str], str]:
-    """Any known LoRA format -> ({official module: Factor}, keys that match no module, format)."""
+def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Module | None = None,
+         family: Family | None = None) -> tuple[dict[str, Factor], list[str], str]:
+    """Any known LoRA format -> ({official module: Factor}, keys that match no module, format).
+
+    The names are resolved against `model`, else `family` (see `family_of_checkpoint`), else a guess from the keys.
+    """
     fmt = detect(sd)
     raw, unmatched = _raw_modules(sd, fmt)
     _alphas_from_metadata(metadata, raw)
@@ -186,7 +203,8 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
     if model is not None:
         targets, family = set(list_targets(model)), family_of_model(model)
     else:
-        targets, family = None, family_of_keys(names, {_strip(m): Factor(p["down"], p["up"]) for m, p in raw.items()})
+        targets = None
+        family = family or family_of_keys(names, {_strip(m): Factor(p["down"], p["up"]) for m, p in raw.items()})
     vocab = set(targets or family.official) | set(family.part)
     underscored = {n.replace(".", "_"): n for n in vocab}
     factors, parts = {}, {}
@@ -331,13 +349,17 @@ def write(factors: dict[str, Factor], to: str, family: Family | None = None) -> 
     return out, meta
 
 
-def convert(sd: dict[str, Tensor], to: str, metadata: dict | None = None, *, drop_unmatched: bool = False
-            ) -> tuple[dict[str, Tensor], dict, list[str]]:
-    """Any known format -> `to`, without a model; returns (state dict, metadata, keys that were not placed)."""
-    factors, unmatched, _ = read(sd, metadata)
+def convert(sd: dict[str, Tensor], to: str, metadata: dict | None = None, *, family: Family | None = None,
+            drop_unmatched: bool = False) -> tuple[dict[str, Tensor], dict, list[str]]:
+    """Any known format -> `to`, without a model; returns (state dict, metadata, keys that were not placed).
+
+    A UNet LoRA needs `family=family_of_checkpoint(shapes of a UNet checkpoint)` to map diffusers names.
+    """
+    factors, unmatched, _ = read(sd, metadata, family=family)
     if unmatched and not drop_unmatched:
-        raise ValueError(f"{len(unmatched)} LoRA key(s) match no module of a known family: {unmatched[:10]}")
-    out, meta = write(factors, to)
+        hint = "" if family else " (a UNet LoRA needs the base checkpoint's keys: family_of_checkpoint / --base)"
+        raise ValueError(f"{len(unmatched)} LoRA key(s) match no module of a known family{hint}: {unmatched[:10]}")
+    out, meta = write(factors, to, family)
     return out, meta, unmatched
 
 

@@ -218,3 +218,54 @@ def test_bad_files_are_clear_errors(tmp_path):
         write({}, "lycoris")
     with pytest.raises(ValueError, match="no LoRA file"):
         lora.load(model, tmp_path / "missing.safetensors")
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+def test_diffusers_unet_lora_in_our_unet_matches_diffusers(tmp_path):
+    peft = pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.test_unet_parity import loaded, sd15_like
+
+    ref = sd15_like()
+    ours = loaded("tiny-unet", ref)
+    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=UNET_TARGETS, rank_pattern={"conv1": 2},
+                             alpha_pattern={"to_v": 1.0})
+    ref.add_adapter(config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(ref),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=c).sample
+        plain = ours(x, t, context=c)
+        report = lora.load(ours, tmp_path / "pytorch_lora_weights.safetensors", strict=True)
+        got = ours(x, t, context=c)
+    assert report.format == "diffusers" and len(report.modules) == len(lora.lora_layers(ours))
+    assert any(isinstance(m, lora.LoRAConv2d) and m.base.kernel_size == (3, 3) for m in lora.lora_layers(ours).values())
+    assert max_rel_err(plain, want) > 1e-3
+    assert max_rel_err(got, want) <= 1e-5
+    # our file in diffusers format, read back by diffusers
+    ref.delete_adapters("default")
+    out = lora.save(ours, tmp_path / "ours.safetensors", format="diffusers")
+    sd, _, meta = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    ref.load_lora_adapter(sd, prefix="unet", adapter_name="back", metadata=meta)
+    with torch.no_grad():
+        assert max_rel_err(ref(x, t, encoder_hidden_states=c).sample, got) <= 1e-5
+
+
+def test_sd_presets_on_full_size_unets():
+    sd15 = zoo.build("sd15", device="meta")
+    assert len(lora.inject(sd15, "sd-attn", rank=4)) == 16 * 8  # 16 transformer blocks x (q, k, v, out) x 2
+    # everything but the time embedding and conv_in / conv_out
+    assert len(lora.inject(sd15, "sd-all", rank=4, conv_rank=2, adapter="all")) == len(lora.list_targets(sd15)) - 4
+    assert sd15.input_blocks[1][0].in_layers[2].rank["all"] == 2 and sd15.input_blocks[1][1].proj_in.rank["all"] == 4
+    assert len(lora.inject(zoo.build("sdxl-base", device="meta"), "sd-attn", rank=4)) == 70 * 8
