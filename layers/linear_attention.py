@@ -24,7 +24,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tenso
     v = F.pad(v, (0, 1), mode="constant", value=PAD_VAL)  # (B, H, N, D+1), last channel all ones
     kv = torch.matmul(k.transpose(-1, -2), v)  # (B, H, D, D+1): the whole sequence summarised once
     out = torch.matmul(q, kv)  # (B, H, N, D+1) = [sum_m (q.k_m) v_m | sum_m q.k_m]
-    out = out[..., :-1] / (out[..., -1:] + eps)  # (B, H, N, D)
+    out = out[..., :-1].div_(out[..., -1:] + eps)  # (B, H, N, D), in place: one N x D buffer fewer
     return rearrange(out, "B H N D -> B N (H D)").to(dtype)
 
 

@@ -14,7 +14,7 @@ from layers.pixart import (
     scale_shift_chunks,
     sincos_pos_embed_2d,
 )
-from tests.conftest import randomize
+from tests.conftest import max_rel_err, randomize
 from zoo.sana import SanaConfig, SanaMSBlock
 
 TINY = "tiny-sana"
@@ -77,6 +77,16 @@ def test_pred_sigma_doubles_output_channels_and_patches_unfold():
     x, t, y = inputs(model, h=4, w=8)
     with torch.no_grad():
         assert model(x, t, y).shape == (2, 16, 4, 8)
+
+
+def test_bfloat16_model_follows_float32():
+    model = tiny()
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        want = model(x, t, y)
+        got = model.to(torch.bfloat16)(x, t, y)  # inputs are cast to the weights' dtype
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert max_rel_err(got.float(), want) <= 5e-2
 
 
 def test_position_embedding_follows_the_grid():
