@@ -17,6 +17,11 @@ from checkpoints_convert.io import Checkpoint, CheckpointError
 # family -> (module, official -> diffusers, diffusers -> official)
 KEY_MAPS: dict[str, tuple[str, str, str]] = {
     "flux": ("checkpoints_convert.flux", "flux_to_diffusers", "flux_from_diffusers"),
+    "unet": ("checkpoints_convert.unet", "unet_to_diffusers", "unet_from_diffusers"),
+    "controlnet": ("checkpoints_convert.unet", "controlnet_to_diffusers", "controlnet_from_diffusers"),
+    "t2i_adapter": ("checkpoints_convert.unet", "t2i_adapter_to_diffusers", "t2i_adapter_from_diffusers"),
+    "sana": ("checkpoints_convert.sana", "sana_to_diffusers", "sana_from_diffusers"),
+    "autoencoder": ("checkpoints_convert.autoencoder", "autoencoder_to_diffusers", "autoencoder_from_diffusers"),
 }
 LAYOUTS = ("official", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}

@@ -74,12 +74,15 @@ def _unet_name(shape, ctx_key: str, proj_key: str, ch_key: str, adm_key: str, in
     return None
 
 
-def _base(shape, ctx_key: str) -> str | None:
-    return {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(_ctx(shape, ctx_key))
+def _controlnet_name(shape, ctx_key: str) -> str | None:
+    base = {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(_ctx(shape, ctx_key))
+    return f"controlnet-{base}" if base else None
 
 
 def _vae_name(shape, quant_key: str, conv_out: str) -> str | None:
     z = (shape(conv_out) or [0])[0] // 2
+    if (shape("encoder.conv_in.weight") or [0])[0] != 128:  # every release has width 128
+        return None
     if z == 4 and shape(quant_key):
         return "vae-sd"  # SD1/2 and SDXL VAEs share every shape; only their scale factors differ
     if z == 16 and not shape(quant_key):
@@ -117,10 +120,10 @@ SIGNATURES = (  # priority order: the first family matched is the one reported
               lambda s: _sana_name(s, "patch_embed.proj.weight")),
     Signature("controlnet", "official", ("input_hint_block.0.weight", "zero_convs.0.0.weight",
                                          "middle_block_out.0.weight"),
-              lambda s: _base(s, UNET_CTX)),
+              lambda s: _controlnet_name(s, UNET_CTX)),
     Signature("controlnet", "diffusers", ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight",
                                           "controlnet_mid_block.weight"),
-              lambda s: _base(s, D_UNET_CTX)),
+              lambda s: _controlnet_name(s, D_UNET_CTX)),
     Signature("t2i_adapter", "official", ("conv_in.weight", "body.0.block1.weight")),
     Signature("t2i_adapter", "official", ("body.0.in_conv.weight", "body.0.body.0.block1.weight"), lambda s: None),
     Signature("t2i_adapter", "diffusers", ("adapter.body.0.resnets.0.block1.weight",)),

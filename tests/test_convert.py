@@ -84,3 +84,55 @@ def test_bad_requests_raise_clear_errors():
     lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}
     with pytest.raises(CheckpointError, match="python -m lora convert"):
         convert(lora, to="diffusers")
+
+
+T2I = {"arch": "t2i_adapter", "channels": [32, 64], "nums_rb": 2, "cin": 64, "sk": True, "use_conv": False}
+FAMILIES = [("tiny-unet", "unet"), ("tiny-sdxl", "unet"), ("tiny-controlnet", "controlnet"), (T2I, "t2i_adapter"),
+            ("tiny-sana", "sana"), ("tiny-vae", "autoencoder"), ("tiny-vae-flux", "autoencoder")]
+SANA_OFFICIAL_ONLY = ("pos_embed", "y_embedder.y_embedding")  # diffusers has no such tensors
+
+
+@pytest.mark.parametrize("spec, family", FAMILIES, ids=lambda x: x if isinstance(x, str) else "t2i")
+def test_every_family_round_trips_through_convert(spec, family):
+    from checkpoints_convert.convert import key_map
+    from checkpoints_convert.detect import detect
+
+    sd = {k: v.half() for k, v in randomize(zoo.build(spec), seed=4).state_dict().items()}
+    d = convert(sd, to="diffusers")
+    assert (detect(sd).family, detect(d).family, detect(d).layout) == (family, family, "diffusers")
+    _assert_identical(dict(d), key_map(family, "diffusers")({k: v for k, v in sd.items()
+                                                             if k not in SANA_OFFICIAL_ONLY or family != "sana"}))
+    back = convert(d, to="official")
+    if family == "sana":  # dropped by diffusers, remade as zeros of the default shapes
+        assert all(not back.pop(k).any() for k in SANA_OFFICIAL_ONLY)
+        sd = {k: v for k, v in sd.items() if k not in SANA_OFFICIAL_ONLY}
+    _assert_identical(back, sd)
+
+
+def _diffusers_peer(name: str):
+    diffusers = pytest.importorskip("diffusers")
+    vae = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    with torch.device("meta"):
+        if name == "sd15-unet":
+            return diffusers.UNet2DConditionModel(cross_attention_dim=768)
+        if name == "sdxl-unet":
+            return diffusers.UNet2DConditionModel(
+                cross_attention_dim=2048, transformer_layers_per_block=[1, 2, 10], block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=[5, 10, 20], use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+        if name == "sd-vae":
+            return diffusers.AutoencoderKL(latent_channels=4, **vae)
+        return diffusers.AutoencoderKL(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **vae)
+
+
+@pytest.mark.parametrize("name", ["sd15-unet", "sdxl-unet", "sd-vae", "flux-ae"])
+def test_full_size_manifests_convert_onto_diffusers_models(name):
+    sd = {k: torch.empty(shape, device="meta") for k, (shape, _) in manifest(name).items()}
+    ref = {k: tuple(v.shape) for k, v in _diffusers_peer(name).state_dict().items()}
+    ours = convert(sd, to="diffusers")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == ref
+    assert {k: tuple(v.shape) for k, v in convert(ours, to="official").items()} == {k: v.shape for k, v in sd.items()}

@@ -75,3 +75,16 @@ def test_unknown_state_dict_names_the_nearest_families_and_what_they_miss():
         detect(sd)
     with pytest.raises(DetectError, match="empty state dict"):
         detect({})
+
+
+@pytest.mark.parametrize("config, family", [
+    ("sd21", "unet"), ("sdxl-refiner", "unet"), ("controlnet-sd15", "controlnet"), ("sana-600m", "sana"),
+    ("vae-flux", "autoencoder"),
+])
+def test_shipped_release_configs_detected_in_both_layouts(config, family):
+    from checkpoints_convert.convert import convert
+
+    sd = zoo.build(config, device="meta").state_dict()
+    for layout, d in (("official", sd), ("diffusers", convert(sd, to="diffusers"))):
+        det = detect(d)
+        assert (det.family, det.layout, det.config) == (family, layout, config)

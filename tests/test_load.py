@@ -101,3 +101,25 @@ def test_full_size_flux_dev_detects_and_plans_on_meta():
     sd = zoo.build("flux-dev", device="meta").state_dict()
     with pytest.raises(NotImplementedError):  # proves it got as far as copying meta tensors to the CPU
         zoo.load(None, sd)
+
+
+T2I = {"arch": "t2i_adapter", "channels": [32, 64], "nums_rb": 2, "cin": 64, "sk": True, "use_conv": False}
+
+
+@pytest.mark.parametrize("spec", ["tiny-unet", "tiny-sdxl", "tiny-controlnet", T2I, "tiny-sana", "tiny-vae",
+                                  "tiny-vae-flux"], ids=lambda x: x if isinstance(x, str) else "t2i")
+def test_every_family_loads_from_its_diffusers_layout(spec):
+    ref = randomize(zoo.build(spec), seed=5).eval()
+    model = zoo.load(spec, convert(ref.state_dict(), to="diffusers"))
+    torch.manual_seed(0)
+    args, kw = zoo.example_inputs(ref, height=64, width=64)
+    with torch.no_grad():
+        got, want = model(*args, **kw), ref(*args, **kw)
+    for g, w in zip(*((x,) if torch.is_tensor(x) else x for x in (got, want))):
+        assert max_rel_err(g, w) <= 1e-5
+
+
+def test_config_found_by_shapes_for_a_non_release_autoencoder():
+    ref = randomize(zoo.build("tiny-vae-flux"), seed=6).eval()
+    model = zoo.load(None, convert(ref.state_dict(), to="diffusers"))
+    assert model.params == ref.params

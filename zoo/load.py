@@ -26,6 +26,10 @@ from zoo.registry import _read_spec, build, get_config, list_models
 FAMILY_OF_ARCH = {"flux": "flux", "unet": "unet", "controlnet": "controlnet", "t2i_adapter": "t2i_adapter",
                   "sana": "sana", "autoencoder_kl": "autoencoder"}
 ARCH_OF_FAMILY = {v: k for k, v in FAMILY_OF_ARCH.items()}
+# diffusers drops Sana's `pos_embed` and `y_embedder.y_embedding` (the forward uses neither): its key map remakes
+# them as zeros, shaped by these config fields
+_REMADE = {"sana": (("pos_embed", "y_embedder.y_embedding"),
+                    lambda c: {"sample_size": c.input_size, "model_max_length": c.model_max_length})}
 
 
 class LoadError(ValueError):
@@ -63,20 +67,22 @@ def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, Mapping[str, Tensor]]:
     if arch is None:
         raise DetectError(f"this checkpoint holds {det}, which zoo.load does not build; pass a config")
     official = _official(sd, arch)
-    shapes = {k: tuple(v.shape) for k, v in official.items()}
+    remade = _REMADE[det.family][0] if det.family in _REMADE and det.layout == "diffusers" else ()
+    shapes = {k: tuple(v.shape) for k, v in official.items() if k not in remade}
     names = [det.config] if det.config in list_models() else []
     names += [n for n in list_models() if n not in names and _read_spec(n)["arch"] == arch]
     for name in names:
-        got = {k: tuple(v.shape) for k, v in build(name, device="meta").state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in build(name, device="meta").state_dict().items() if k not in remade}
         if got == shapes:
-            return get_config(name), official
+            config = get_config(name)
+            return config, _official(sd, arch, config) if remade else official
     if det.fields:
         return get_config(det.fields), official
     raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
                       f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
 
 
-def _official(sd: Mapping[str, Tensor], arch: str) -> Mapping[str, Tensor]:
+def _official(sd: Mapping[str, Tensor], arch: str, config: Any = None) -> Mapping[str, Tensor]:
     """Strip wrapper prefixes and convert diffusers layouts to the official one (views where possible)."""
     family = FAMILY_OF_ARCH.get(arch)
     if family is None:
@@ -89,8 +95,9 @@ def _official(sd: Mapping[str, Tensor], arch: str) -> Mapping[str, Tensor]:
         return sub
     from checkpoints_convert.convert import key_map  # a family without a key map fails here, naming itself
 
+    kwargs = _REMADE[family][1](config) if family in _REMADE and config is not None else {}
     try:
-        return key_map(family, "official")(sub)
+        return key_map(family, "official")(sub, **kwargs)
     except KeyMapError as e:
         raise LoadError(f"cannot convert this {det} checkpoint to the official layout: {e}") from None
 
@@ -131,7 +138,7 @@ def load(
     else:
         config = get_config(spec)
         model = build(config, device="meta")
-        sd = _official(sd, model.arch)
+        sd = _official(sd, model.arch, config)
 
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
     matmul = {f"{n}.weight".lstrip(".") for n, m in model.named_modules() if type(m) in layers or isinstance(m, CASTS)}
