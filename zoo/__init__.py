@@ -7,7 +7,7 @@
     print(zoo.trace(meta, *zoo.example_inputs(meta, device="meta")))
 """
 from zoo import flux  # noqa: F401  (registers the arch)
-from zoo import controlnet, unet  # noqa: F401
+from zoo import controlnet, hint_encoder, t2i_adapter, unet  # noqa: F401
 from zoo import sana  # noqa: F401
 from zoo import autoencoder  # noqa: F401
 from zoo.load import load

@@ -154,7 +154,8 @@ class UNet(UNetEncoder):
                                            up=True) if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        # official: conv(model_channels, ...), which is `ch` whenever channel_mult[0] == 1 (every released model)
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(
         self,
