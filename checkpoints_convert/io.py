@@ -6,10 +6,13 @@ to a temporary file beside the target and renames it, so a crash never leaves a 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import pickle
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +30,8 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # as the safetensors reference implementation: a larger header is not a checkpoint
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 # containers people wrap a state dict in (Lightning's `state_dict`, DiT/PixArt's `model`/`ema`, ...)
 CONTAINERS = ("state_dict", "model", "module", "net")
 EMA_CONTAINERS = ("state_dict_ema", "ema", "model_ema", "ema_model")
@@ -41,11 +46,31 @@ class Checkpoint(dict):
 
     paths: tuple[Path, ...] = ()
     metadata: dict[str, str]
+    maps: list[tuple[int, int]]  # (address, bytes) of the private file mappings the tensors view
 
     def __init__(self, *args, paths=(), metadata=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.paths = tuple(Path(p).resolve() for p in paths)
         self.metadata = dict(metadata or {})
+        self.maps = []
+
+    def release(self, t: Tensor | None = None) -> None:
+        """Drop the resident file pages under `t` (or under every mapping) from this process's memory.
+
+        The mapping stays valid: a later read fetches the pages from the file again. Only for files nobody
+        wrote to in place (a write to a private mapping lives in those pages and would be lost).
+        """
+        spans = self.maps if t is None else [(t.data_ptr(), t.numel() * t.element_size())]
+        for addr, n in spans:
+            if any(a <= addr and addr + n <= a + m for a, m in self.maps):
+                _dontneed(addr, n)
+
+
+def _dontneed(addr: int, n: int) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside [addr, addr + n); a no-op where libc has no madvise."""
+    start, stop = -(-addr // PAGE) * PAGE, (addr + n) // PAGE * PAGE
+    if stop > start and _LIBC is not None and hasattr(_LIBC, "madvise"):
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED (Linux)
 
 
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -105,6 +130,7 @@ def _load_safetensors(path: Path) -> Checkpoint:
     if not header:
         return out
     flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))
+    out.maps.append((flat.data_ptr(), size))
     for key, e in header.items():
         dtype, (begin, stop) = DTYPES[e["dtype"]], e["data_offsets"]
         raw = flat[start + begin : start + stop]
@@ -194,7 +220,9 @@ def _files_of_folder(folder: Path) -> list[Path]:
         found = sorted(folder.glob(pattern))
         if found:
             return _shards(found[0]) if pattern.endswith(".json") else found
-    raise CheckpointError(f"{folder}: no *.safetensors, *.bin or sharded index in this folder")
+    models = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors")))
+    hint = f"; a pipeline folder? pass one of its model subfolders: {models}" if models else ""
+    raise CheckpointError(f"{folder}: no *.safetensors, *.bin or sharded index in this folder{hint}")
 
 
 def load_file(path: str | Path, *, ema: bool = False) -> Checkpoint:
@@ -210,6 +238,7 @@ def load_file(path: str | Path, *, ema: bool = False) -> Checkpoint:
         if f.suffix == ".safetensors":
             part = _load_safetensors(f)
             out.metadata.update(part.metadata)
+            out.maps += part.maps
             part = _take_ema(part, f) if ema else part
         elif f.suffix in PICKLE_SUFFIXES:
             part = _unwrap(_load_pickle(f), f, ema)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import sys
 
 import pytest
 import torch
@@ -166,3 +167,24 @@ def test_fuzzed_files_raise_our_error_never_crash(tmp_path):
         assert kind == 3, f"case {i} ({kind}) loaded"
         header, _, start = read_header(path)
         assert sum(t.numel() * t.element_size() for t in sd.values()) == len(data) - start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux")
+def test_release_drops_file_pages_and_data_stays_readable(tmp_path):
+    big = torch.arange(16 * 2**20, dtype=torch.float32)  # 64 MB
+    save_file({"big": big, "small": torch.ones(3)}, tmp_path / "big.safetensors")
+    del big
+    sd = load_file(tmp_path / "big.safetensors")
+    total = sd["big"].sum().item()  # reads every page
+    before = _rss()
+    sd.release()
+    assert before - _rss() > 32 * 2**20  # the pages left this process
+    assert sd["big"].sum().item() == total  # and come back from the file when read again
+    anon = torch.ones(2**20)
+    sd.release(anon)  # not inside a file mapping: left alone (MADV_DONTNEED would zero anonymous memory)
+    assert anon.sum().item() == 2**20

@@ -130,6 +130,7 @@ def load(
     `strict=False` returns `(model, report)` and zero-fills what is missing instead of raising.
     """
     sd = source if isinstance(source, Mapping) else load_file(source, ema=ema)
+    opened = sd if not isinstance(source, Mapping) else None  # a file we mapped ourselves: its pages may be dropped
     dtype = parse_dtype(dtype) if dtype is not None else None
     compute_dtype = parse_dtype(compute_dtype) if compute_dtype is not None else None
     if spec is None:
@@ -158,11 +159,15 @@ def load(
     if strict and not report.ok:
         raise LoadError(f"checkpoint does not fit {type(model).__name__} ({_name(spec, config)}): {report}")
 
+    if opened is not None and sd is not opened:
+        opened.release()  # a layout conversion read (and copied) fused parts: their file pages are not needed now
     tensors = {}
     for k, want in expected.items():
         if k in sd and k not in report.mismatched:
             t = sd[k]
             tensors[k] = t.to(device=device, dtype=_target_dtype(t, k in matmul, dtype, compute_dtype))
+            if opened is not None and tensors[k].data_ptr() != t.data_ptr():
+                opened.release(t)  # copied (new dtype or device): keep one copy resident, not two
         else:  # strict=False: a zero tensor, listed in the report, so the model can run once it is filled
             ref = torch.empty(0, dtype=dtype or torch.float32)
             tensors[k] = torch.zeros(want.shape, device=device,
