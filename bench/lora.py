@@ -1,0 +1,115 @@
+"""LoRA costs: forward overhead of the 95 "omnix" adapters on Flux (unmerged and merged), and extraction time.
+
+    python bench/lora.py [--threads 2 --hidden 512 --img-tokens 256 --txt-tokens 64 --rank 16 --device cpu]
+
+Forward: a Flux with FLUX.1-dev's depth (19 double + 38 single blocks, so the preset patches its real 95 layers)
+at width `--hidden`, fp32; base vs 95 rank-16 adapters unmerged vs merged, interleaved medians.
+Extraction: one 3072 x 9216 difference (the shape of a Flux double block's MLP) at rank 32, full SVD vs
+randomized SVD, with each one's relative error ||dW - B A|| / ||dW|| (the full SVD's is the optimum).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lora  # noqa: E402
+import zoo  # noqa: E402
+from lora.extract import low_rank  # noqa: E402
+
+
+def forward_overhead(args) -> None:
+    dev = torch.device(args.device)
+    heads = args.hidden // 64
+    model = zoo.build("flux-dev", hidden_size=args.hidden, num_heads=heads, axes_dim=[16, 24, 24], device=dev).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    side = int(args.img_tokens**0.5)
+    inputs, kw = model.example_inputs(height=16 * side, width=16 * side, txt_len=args.txt_tokens, device=dev)
+    # a second model on the same tensors (assign=True shares them) carries the adapters; the first stays plain
+    patched = zoo.build("flux-dev", hidden_size=args.hidden, num_heads=heads, axes_dim=[16, 24, 24], device="meta")
+    patched.load_state_dict(model.state_dict(), assign=True)
+    names = lora.inject(patched, "omnix", rank=args.rank, init="gaussian")
+    with torch.no_grad():
+        for layer in lora.lora_layers(patched).values():
+            layer.lora_up["default"].weight.normal_(0, 0.01)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def timed(m):
+        sync()
+        t0 = time.perf_counter()
+        out = m(*inputs, **kw)
+        sync()
+        return time.perf_counter() - t0, out
+
+    times = {"base": [], "unmerged": [], "merged": []}
+    with torch.inference_mode():
+        for m in (model, patched):
+            m(*inputs, **kw)  # warm-up
+        for _ in range(args.repeats):  # interleaved, so load from elsewhere hits all three alike
+            t, base_out = timed(model)
+            times["base"].append(t)
+            t, lora_out = timed(patched)
+            times["unmerged"].append(t)
+            lora.merge(patched)
+            t, merged_out = timed(patched)
+            times["merged"].append(t)
+            lora.unmerge(patched)
+    times = {k: statistics.median(v) for k, v in times.items()}
+    print(f"Flux depth 19+38, hidden {args.hidden}, {args.img_tokens}+{args.txt_tokens} tokens, {args.device}, "
+          f"fp32; omnix patched {len(names)} layers at rank {args.rank}")
+    for k, v in times.items():
+        print(f"  {k:<32} {v * 1e3:9.1f} ms   {100 * (v / times['base'] - 1):+6.1f}% vs base")
+    err = ((merged_out - lora_out).abs().max() / lora_out.abs().max()).item()
+    moved = ((lora_out - base_out).abs().max() / base_out.abs().max()).item()
+    print(f"  merged vs unmerged output: max rel diff {err:.2e} (the adapters move the output by {moved:.2e})")
+
+
+def extraction(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 3072, 9216, 128
+    decay = torch.logspace(0, -2, k)  # a fine-tune's difference: a decaying spectrum plus noise
+    delta = (torch.randn(m, k, generator=g) * decay) @ torch.randn(k, n, generator=g) / k**0.5
+    delta += 1e-4 * torch.randn(m, n, generator=g)
+    delta = delta.to(args.device)
+    results = {}
+    for method in ("svd", "randomized"):
+        t0 = time.perf_counter()
+        up, down = low_rank(delta, args.extract_rank, method=method)
+        if delta.is_cuda:
+            torch.cuda.synchronize()
+        results[method] = (time.perf_counter() - t0, ((delta - up @ down).norm() / delta.norm()).item())
+    best = results["svd"][1]  # the truncated full SVD is the optimum (Eckart-Young)
+    print(f"extraction of one {m}x{n} difference at rank {args.extract_rank} ({args.device}, fp32)")
+    for method, (t, e) in results.items():
+        print(f"  {method:<11} {t:8.2f} s   rel err {e:.4e}  ({100 * (e / best - 1):+.3f}% vs the optimum)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--img-tokens", type=int, default=256)
+    ap.add_argument("--txt-tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--extract-rank", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--skip-extract", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.skip_forward:
+        forward_overhead(args)
+    if not args.skip_extract:
+        extraction(args)
+
+
+if __name__ == "__main__":
+    main()
