@@ -136,3 +136,12 @@ def test_full_size_manifests_convert_onto_diffusers_models(name):
     ours = convert(sd, to="diffusers")
     assert {k: tuple(v.shape) for k, v in ours.items()} == ref
     assert {k: tuple(v.shape) for k, v in convert(ours, to="official").items()} == {k: v.shape for k, v in sd.items()}
+
+
+def test_family_picks_one_model_out_of_a_full_checkpoint():
+    unet = randomize(zoo.build("tiny-unet"), seed=7).state_dict()
+    vae = randomize(zoo.build("tiny-vae"), seed=8).state_dict()
+    full = {**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
+            **{f"first_stage_model.{k}": v for k, v in vae.items()}}
+    _assert_identical(dict(convert(full, to="diffusers", family="autoencoder")), dict(convert(vae, to="diffusers")))
+    _assert_identical(dict(convert(full, to="official")), unet)  # no family: the diffusion model
