@@ -1,6 +1,9 @@
 """LoRA files: a diffusers/PEFT Flux LoRA in our Flux equals diffusers; lossless round trips; detection; bad input."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -269,3 +272,49 @@ def test_sd_presets_on_full_size_unets():
     assert len(lora.inject(sd15, "sd-all", rank=4, conv_rank=2, adapter="all")) == len(lora.list_targets(sd15)) - 4
     assert sd15.input_blocks[1][0].in_layers[2].rank["all"] == 2 and sd15.input_blocks[1][1].proj_in.rank["all"] == 4
     assert len(lora.inject(zoo.build("sdxl-base", device="meta"), "sd-attn", rank=4)) == 70 * 8
+
+
+def test_kohya_sd15_lora_written_by_diffusers_loads_into_our_unet():
+    peft = pytest.importorskip("peft")
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.test_unet_parity import loaded, sd15_like
+
+    ref = sd15_like()
+    ours = loaded("tiny-unet", ref)
+    ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS))  # kohya's writer: alpha = rank
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(ref).items()})
+    assert detect(kohya) == "kohya" and any(k.startswith("lora_unet_down_blocks_") for k in kohya)
+    report = lora.load(ours, kohya, strict=True)
+    assert "input_blocks.1.1.transformer_blocks.0.attn1.to_q" in report.modules
+    x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        assert max_rel_err(ours(x, t, context=c), ref(x, t, encoder_hidden_states=c).sample) <= 1e-5
+
+
+def test_our_kohya_flux_lora_reads_in_diffusers_as_our_diffusers_file():
+    # diffusers' kohya-Flux reader hard-codes FLUX.1's width: compare at full width, factors only (no model run)
+    from diffusers import FluxPipeline
+
+    model = zoo.build("flux-dev", device="meta", depth=1, depth_single_blocks=1)
+    factors = {n: f for n, f in random_factors(model, seed=7, rank=2).items() if not n.startswith("final_layer")}
+    theirs = FluxPipeline.lora_state_dict(write(factors, "kohya")[0])  # alpha folded into the factors
+    ours, meta = write(factors, "diffusers")
+    assert sorted(theirs) == sorted(ours)
+    alphas = json.loads(meta["lora_adapter_metadata"])
+    for k in [k for k in ours if k.endswith(".lora_A.weight")]:
+        b = k.replace("lora_A", "lora_B")
+        name = k[len("transformer."): -len(".lora_A.weight")]
+        pattern = alphas["transformer.alpha_pattern"]
+        alpha = next((v for p, v in pattern.items() if re.match(rf"(.*\\.)?({p})$", name)),
+                     alphas["transformer.lora_alpha"])
+        probe = torch.randn(ours[k].shape[1], 3, dtype=torch.float64)  # B A on random vectors: no 9216 x 3072 matrix
+        want = theirs[b].double() @ (theirs[k].double() @ probe)
+        got = ours[b].double() @ (ours[k].double() @ probe) * (alpha / ours[k].shape[0])
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), name
