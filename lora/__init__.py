@@ -1,10 +1,11 @@
 """LoRA for any `nn.Module`: wrapper layers with named adapters, injection by glob or preset, merge, extraction,
 and the LoRA file formats people exchange (kohya, diffusers/PEFT, XLabs, ComfyUI). Imports no model."""
+from lora.extract import ExtractReport, extract
 from lora.formats import FORMATS, Factor, LoadReport, convert, detect, factors_of, load, save
 from lora.inject import inject, list_targets, lora_layers, merge, remove, set_adapter, trainable, unmerge
 from lora.layer import LoRAConv2d, LoRALayer, LoRALinear
 from lora.presets import PRESETS
 
 __all__ = ["inject", "set_adapter", "remove", "merge", "unmerge", "trainable", "list_targets", "lora_layers",
-           "LoRALayer", "LoRALinear", "LoRAConv2d", "PRESETS", "load", "save", "convert", "detect", "factors_of",
-           "Factor", "LoadReport", "FORMATS"]
+           "LoRALayer", "LoRALinear", "LoRAConv2d", "PRESETS", "extract", "ExtractReport", "load", "save",
+           "convert", "detect", "factors_of", "Factor", "LoadReport", "FORMATS"]

@@ -318,3 +318,25 @@ def test_our_kohya_flux_lora_reads_in_diffusers_as_our_diffusers_file():
         want = theirs[b].double() @ (theirs[k].double() @ probe)
         got = ours[b].double() @ (ours[k].double() @ probe) * (alpha / ours[k].shape[0])
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), name
+
+
+def test_unet_round_trips_through_every_format_with_the_checkpoint_keys():
+    from lora.formats import family_of_checkpoint
+
+    model = zoo.build("tiny-sdxl", device="meta")
+    family = family_of_checkpoint({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(3)
+    factors = {}
+    for i, name in enumerate(lora.list_targets(model)):
+        w = model.get_submodule(name).weight
+        factors[name] = Factor(torch.randn(2, *w.shape[1:], generator=g),
+                               torch.randn(w.shape[0], 2, *[1] * (w.ndim - 2), generator=g), 0.5 + i)
+    for fmt in ("ours", "comfy", "kohya", "diffusers"):
+        sd, meta = write(factors, fmt, family)
+        if fmt == "diffusers":
+            assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in sd
+        back, unmatched, _ = read(sd, meta, family=family)
+        assert not unmatched
+        assert_same(back, factors)
+        sd2, meta2, _ = convert(sd, "diffusers" if fmt == "kohya" else "kohya", meta, family=family)
+        assert_same(read(sd2, meta2, family=family)[0], factors)
