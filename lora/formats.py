@@ -445,9 +445,11 @@ def load(model: nn.Module, src: str | os.PathLike | dict, *, adapter: str = "def
         raise ValueError(f"no key of this {fmt} LoRA matches a module of the model; unmatched: {unmatched[:10]}")
     mods = dict(model.named_modules())
     factors = {n: _fit(n, f, mods[n].weight) for n, f in factors.items()}
+    groups: dict[tuple, list[str]] = {}
     for n, f in factors.items():
-        r = f.down.shape[0]
-        inject(model, [n], rank=r, alpha=f.alpha, conv_rank=r, conv_alpha=f.alpha, adapter=adapter, init="none",
+        groups.setdefault((f.down.shape[0], f.alpha), []).append(n)
+    for (r, alpha), names in groups.items():
+        inject(model, names, rank=r, alpha=alpha, conv_rank=r, conv_alpha=alpha, adapter=adapter, init="none",
                scale=scale)
     layers = lora_layers(model)
     with torch.no_grad():

@@ -50,9 +50,10 @@ def _as_patterns(targets: str | Iterable[str]) -> tuple[list[str], bool]:
 def match(names: Sequence[str], targets: str | Iterable[str]) -> list[str]:
     """The names matching `targets` (a preset, a glob, or a list of globs); a glob matching nothing is an error."""
     patterns, preset = _as_patterns(targets)
-    hits, empty = [], []
+    hits, empty, exact = [], [], set(names)
     for p in patterns:
-        found = [n for n in names if fnmatch.fnmatchcase(n, p)]
+        found = ([p] if p in exact else []) if not any(c in p for c in "*?[") else [
+            n for n in names if fnmatch.fnmatchcase(n, p)]
         if not found:
             empty.append(p)
         hits += found
@@ -63,7 +64,8 @@ def match(names: Sequence[str], targets: str | Iterable[str]) -> list[str]:
             what = f"target {targets!r} is no preset ({sorted(PRESETS)}) and as a pattern it"
         raise ValueError(f"LoRA {what} matched no linear/conv module: " +
                          "; ".join(f"{p!r} (near: {near[p] or 'nothing close'})" for p in empty))
-    return list(dict.fromkeys(n for n in names if n in set(hits)))  # model order, no duplicates
+    hit = set(hits)
+    return [n for n in names if n in hit]  # model order, no duplicates
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
