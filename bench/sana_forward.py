@@ -4,9 +4,10 @@
 
 Config: the Sana-600M width (hidden 1152, 36 linear heads x 32, 16 cross heads, Mix-FFN ratio 2.5), `--depth`
 blocks, a `--size` px image (latent size / 32, so 1024 tokens at 1024 px) and 300 caption tokens, batch 1.
-Prints the median and the best time of each (calls interleaved, so load from elsewhere hits both alike; on a
-shared machine the best time is the steadier one), the ratios ours/diffusers, the peak memory growth of one
-forward, and the forward's FLOPs.
+Prints the median and best wall time and the median process CPU time of each (calls interleaved, so load from
+elsewhere hits both alike; on a shared machine CPU time is the steadier measure, with one thread it excludes
+time spent waiting for a core), the ratios ours/diffusers, the peak memory growth of one forward, and the
+forward's FLOPs.
 """
 from __future__ import annotations
 
@@ -71,11 +72,13 @@ def main() -> None:
         err = ((run_ours() - run_ref()).abs().max() / run_ref().abs().max()).item()
         flops = count_flops(run_ours)
         times: dict[str, list[float]] = {"diffusers": [], "zoo": []}
+        cpu: dict[str, list[float]] = {"diffusers": [], "zoo": []}
         for _ in range(args.repeats):
             for name, fn in (("diffusers", run_ref), ("zoo", run_ours)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         if device.type == "cuda":
             mem = {}
             for name, fn in (("diffusers", run_ref), ("zoo", run_ours)):
@@ -87,14 +90,16 @@ def main() -> None:
             mem = {"diffusers": peak_rss_during(run_ref)[1], "zoo": peak_rss_during(run_ours)[1]}
     med = {name: statistics.median(ts) for name, ts in times.items()}
     best = {name: min(ts) for name, ts in times.items()}
+    cpu_med = {name: statistics.median(ts) for name, ts in cpu.items()}
     print(f"{device.type}, {args.threads} threads, fp32, hidden 1152 x {args.depth} blocks, {side * side} image "
           f"tokens + 300 caption tokens; max rel diff {err:.1e}; forward {flops / 1e9:.1f} GFLOP")
-    print(f"{'':10s} {'median s':>9s} {'best s':>8s} {'GFLOP/s':>8s} {'peak +MiB':>10s}")
+    print(f"{'':10s} {'median s':>9s} {'best s':>8s} {'CPU s':>8s} {'GFLOP/s':>8s} {'peak +MiB':>10s}")
     for name in ("diffusers", "zoo"):
-        print(f"{name:10s} {med[name]:9.4f} {best[name]:8.4f} {flops / best[name] / 1e9:8.1f} "
+        print(f"{name:10s} {med[name]:9.4f} {best[name]:8.4f} {cpu_med[name]:8.4f} {flops / best[name] / 1e9:8.1f} "
               f"{mem[name] / 2**20:10.1f}")
     print(f"ratio zoo/diffusers: time median {med['zoo'] / med['diffusers']:.3f}, "
-          f"best {best['zoo'] / best['diffusers']:.3f}; peak memory {mem['zoo'] / max(mem['diffusers'], 1):.3f}")
+          f"best {best['zoo'] / best['diffusers']:.3f}, CPU time {cpu_med['zoo'] / cpu_med['diffusers']:.3f}; "
+          f"peak memory {mem['zoo'] / max(mem['diffusers'], 1):.3f}")
 
 
 if __name__ == "__main__":
