@@ -60,8 +60,9 @@ class LoadReport:
         return head + ":\n  " + "\n  ".join(lines[:40]) + more
 
 
-def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, Mapping[str, Tensor]]:
-    """The shipped config whose model has exactly the checkpoint's keys and shapes (else fields read off them)."""
+def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, nn.Module, Mapping[str, Tensor]]:
+    """The shipped config with exactly the checkpoint's keys and shapes (else the fields read off them), its model
+    on meta, and the checkpoint in the official layout."""
     det = detect(sd)
     arch = ARCH_OF_FAMILY.get(det.family)
     if arch is None:
@@ -72,12 +73,12 @@ def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, Mapping[str, Tensor]]:
     names = [det.config] if det.config in list_models() else []
     names += [n for n in list_models() if n not in names and _read_spec(n)["arch"] == arch]
     for name in names:
-        got = {k: tuple(v.shape) for k, v in build(name, device="meta").state_dict().items() if k not in remade}
-        if got == shapes:
+        model = build(name, device="meta")
+        if {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in remade} == shapes:
             config = get_config(name)
-            return config, _official(sd, arch, config) if remade else official
+            return config, model, _official(sd, arch, config) if remade else official
     if det.fields:
-        return get_config(det.fields), official
+        return get_config(det.fields), build(det.fields, device="meta"), official
     raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
                       f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
 
@@ -127,15 +128,14 @@ def load(
 
     `dtype` (fp32/bf16/fp16/fp8 or a torch dtype; None keeps the file's) stores the Linear/Conv weights;
     `compute_dtype` makes those layers upcast for each matmul (default for fp8 weights: bfloat16).
-    `strict=False` returns `(model, report)` and zero-fills what is missing instead of raising.
+    The model comes back in eval mode; `strict=False` returns `(model, report)`, zero-filling what is missing.
     """
     sd = source if isinstance(source, Mapping) else load_file(source, ema=ema)
     opened = sd if not isinstance(source, Mapping) else None  # a file we mapped ourselves: its pages may be dropped
     dtype = parse_dtype(dtype) if dtype is not None else None
     compute_dtype = parse_dtype(compute_dtype) if compute_dtype is not None else None
     if spec is None:
-        config, sd = _resolve(sd)
-        model = build(config, device="meta")
+        config, model, sd = _resolve(sd)
     else:
         config = get_config(spec)
         model = build(config, device="meta")
