@@ -86,7 +86,8 @@ def extract(base_sd, tuned_sd, *, rank: int | None = 32, conv_rank: int | None =
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
             raise ValueError(f"{name} must be a positive integer or None (full rank), got {r!r}")
     pb, pt = _prefix(base_sd), _prefix(tuned_sd)
-    keys = [k for k in base_sd if k.startswith(pb) and k.endswith(".weight") and pt + k[len(pb):] in tuned_sd]
+    keys = [k for k in base_sd if k.startswith(pb) and k.endswith(".weight") and ".lora_" not in k  # not adapters'
+            and pt + k[len(pb):] in tuned_sd]
     if not keys:
         raise ValueError("base and tuned state dicts share no .weight key")
     factors, report = {}, ExtractReport()

@@ -90,6 +90,10 @@ def test_full_rank_unchanged_layers_clamp_and_wrapped_checkpoints():
     assert report.unchanged == ["pw"] and [m.rank for m in report.modules] == [20, 8]
     assert sorted(sd) == sorted(f"{n}.{p}" for n in ("fc", "conv") for p in ("lora_down.weight", "lora_up.weight",
                                                                               "alpha"))
+    patched = copy.deepcopy(base)
+    lora.inject(patched, ["fc", "conv"], rank=2)  # a state dict with LoRA factors in it: the factors are skipped
+    _, report = extract(patched.state_dict(), tuned.state_dict(), rank=5)
+    assert [m.name for m in report.modules] == ["fc", "conv"]
     _, clamped = extract(base.state_dict(), tuned.state_dict(), rank=5, clamp_quantile=0.5)
     assert all(m.rel_err > 1e-3 for m in clamped.modules)  # clamping half the entries must cost accuracy
     for bad in (0, -1):
