@@ -97,10 +97,12 @@ def test_mismatches_reported_together_and_strict_false_returns_the_report(ref):
     assert torch.equal(model.time_in.in_layer.weight, ref.time_in.in_layer.weight)
 
 
-def test_full_size_flux_dev_detects_and_plans_on_meta():
-    sd = zoo.build("flux-dev", device="meta").state_dict()
-    with pytest.raises(NotImplementedError):  # proves it got as far as copying meta tensors to the CPU
-        zoo.load(None, sd)
+def test_full_size_releases_resolve_and_load_on_meta():
+    for name in ("flux-dev", "flux-schnell"):
+        sd = convert(zoo.build(name, device="meta").state_dict(), to="diffusers")
+        model = zoo.load(None, sd, device="meta")
+        assert model.params == zoo.get_config(name)
+        assert all(p.is_meta for p in model.parameters())
 
 
 T2I = {"arch": "t2i_adapter", "channels": [32, 64], "nums_rb": 2, "cin": 64, "sk": True, "use_conv": False}
