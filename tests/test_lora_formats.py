@@ -340,3 +340,27 @@ def test_unet_round_trips_through_every_format_with_the_checkpoint_keys():
         assert_same(back, factors)
         sd2, meta2, _ = convert(sd, "diffusers" if fmt == "kohya" else "kohya", meta, family=family)
         assert_same(read(sd2, meta2, family=family)[0], factors)
+
+
+def test_fp32_lora_file_on_a_bf16_flux_matches_fp32_within_bf16_tolerance():
+    ref = randomize(zoo.build({"arch": "flux", **TINY}), seed=2, std=0.1).eval()
+    model = zoo.build({"arch": "flux", **TINY}, dtype=torch.bfloat16).eval()
+    model.load_state_dict(ref.state_dict())
+    factors = {n: Factor(f.down * 0.1, f.up * 0.1, f.alpha) for n, f in random_factors(ref, seed=3).items()
+               if n.endswith(("qkv", "linear1", "linear2"))}
+    sd, meta = write(factors, "diffusers")
+    x = flux_inputs()
+    x["g"] = torch.tensor([4.0, 1.0])  # 1000 * 3.5 is no bf16 number: the guidance embedding alone would cost 10%
+    xb = {k: v.bfloat16() if k in ("img", "txt", "y", "t", "g") else v for k, v in x.items()}
+    with torch.no_grad():  # the tolerance: what bf16 costs this network without adapters
+        tol = 2 * max_rel_err(run_ours(model, xb).float(), run_ours(ref, x))
+    for m in (ref, model):
+        lora.load(m, sd, metadata=meta, strict=True)
+    assert model.single_blocks[0].linear1.lora_up["default"].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = run_ours(ref, x)
+        got = run_ours(model, xb)
+        assert got.dtype == torch.bfloat16 and max_rel_err(got.float(), want) <= tol
+        lora.merge(model)
+        assert max_rel_err(run_ours(model, xb).float(), want) <= tol
+    assert tol < 0.05
