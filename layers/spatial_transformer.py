@@ -119,7 +119,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "B (H W) C -> B C H W", H=h, W=w)
+        x = rearrange(x, "B (H W) C -> B C H W", H=h, W=w)  # a channels-last strided view, no copy
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        # x_in first: the sum takes x_in's contiguous NCHW layout; a channels-last activation reaching the next
+        # 3x3 convs would make PyTorch reorder their (NCHW) weights on every call
+        return x_in + x
