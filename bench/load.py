@@ -151,6 +151,7 @@ def main() -> None:
     print("\ncase       impl       file GB  load s  peak@load GB  peak touched GB  touched/file  target")
     for case, kind, size, r in rows:
         print(_row(case, kind, size, r))
+    compute_dtype_matmul()
     if not args.keep:
         for p in folder.glob("*"):
             if p.is_file():
@@ -160,6 +161,36 @@ def main() -> None:
                     q.unlink()
                 p.rmdir()
         folder.rmdir()
+
+
+def compute_dtype_matmul(tokens: int = 64) -> None:
+    """One Flux MLP projection (3072 -> 12288) on `tokens` rows: bf16 storage computed in bf16 vs upcast to fp32."""
+    import torch
+    from torch import nn
+
+    from layers.cast import cast_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 3072)
+    plain = nn.Sequential(nn.Linear(3072, 12288)).to(torch.bfloat16)
+    rows = [("bf16 weights, bf16 compute", plain, x.bfloat16(), 1)]
+    for name, dtype in (("bf16 weights, fp32 compute", torch.bfloat16), ("fp8 weights, fp32 compute",
+                                                                        torch.float8_e4m3fn)):
+        m = nn.Sequential(nn.Linear(3072, 12288))
+        m[0].weight.data = m[0].weight.data.to(dtype)
+        cast_layers(m, torch.float32)
+        rows.append((name, m, x, 5))
+    flops = 2 * tokens * 3072 * 12288
+    print(f"\ncompute_dtype: one 3072 -> 12288 Linear on {tokens} tokens ({flops / 1e9:.1f} GFLOP)")
+    with torch.no_grad():
+        for name, m, inp, reps in rows:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                m(inp)
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times)
+            print(f"  {name:28s} {t * 1e3:9.1f} ms  {flops / t / 1e9:7.1f} GFLOP/s")
 
 
 def _row(case: str, kind: str, size: int, r: dict) -> str:
