@@ -80,3 +80,16 @@ def test_module_entry_point_runs(flux_file):
     r = subprocess.run([sys.executable, "-m", "checkpoints_convert", "inspect", str(src)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "flux (official)" in r.stdout
+
+
+def test_inspect_names_lora_files_and_unknown_ones(tmp_path, capsys):
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 64),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(192, 4),
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}
+    save_file(lora, tmp_path / "lora.safetensors")
+    assert main(["inspect", str(tmp_path / "lora.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "model: lora (kohya" in out and "base family flux, rank(s) [4]" in out
+    save_file({"foo.weight": torch.ones(2)}, tmp_path / "other.safetensors")
+    assert main(["inspect", str(tmp_path / "other.safetensors")]) == 0
+    assert "model: not recognised (no known model family" in capsys.readouterr().out
