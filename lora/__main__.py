@@ -90,8 +90,8 @@ def cmd_inspect(a) -> None:
     print(f"ranks: {dict(sorted(ranks.items()))}; alphas: {dict(sorted(alphas.items()))}")
     for n, f in factors.items():
         alpha = f.alpha if f.alpha is not None else f.down.shape[0]
-        print(f"  {n:<60} rank {f.down.shape[0]:>4}  alpha {alpha:g}  delta {tuple(f.up.shape[:1])}x"
-              f"{tuple(f.down.shape[1:])}")
+        shape = "x".join(str(d) for d in (f.up.shape[0], *f.down.shape[1:]))
+        print(f"  {n:<60} rank {f.down.shape[0]:>4}  alpha {alpha:<8g} delta {shape}")
     if unmatched:
         print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}")
 
