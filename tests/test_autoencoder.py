@@ -228,3 +228,16 @@ def test_tiled_decode_never_runs_the_decoder_on_more_than_one_tile(tiny):
     assert out.shape == (1, 3, 96, 160)
     assert len(sizes) == len(tile_starts(12, tile, overlap)) * len(tile_starts(20, tile, overlap, True)) == 8
     assert max(max(s) for s in sizes) == tile
+
+
+def test_a_2048x4096_panorama_decodes_tile_by_tile_at_full_size_on_meta():
+    m = zoo.build("vae-flux", device="meta")
+    sizes = []
+    hook = m.decoder.conv_in.register_forward_pre_hook(lambda mod, args: sizes.append(tuple(args[0].shape[-2:])))
+    try:
+        out = m.decode(torch.empty(1, 16, 256, 512, device="meta"), tile=64, overlap=16, circular=True)
+    finally:
+        hook.remove()
+    assert out.shape == (1, 3, 2048, 4096)
+    assert set(sizes) == {(64, 64)}
+    assert len(sizes) == len(tile_starts(256, 64, 16)) * len(tile_starts(512, 64, 16, circular=True))
