@@ -125,3 +125,18 @@ def test_config_found_by_shapes_for_a_non_release_autoencoder():
     ref = randomize(zoo.build("tiny-vae-flux"), seed=6).eval()
     model = zoo.load(None, convert(ref.state_dict(), to="diffusers"))
     assert model.params == ref.params
+
+
+def test_all_fp8_full_checkpoint_like_shared_files(tmp_path, ref):
+    # shared fp8 Flux files: every tensor (biases and norm scales too) in e4m3fn, under `model.diffusion_model.`,
+    # next to the VAE and text encoders
+    sd = {f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn) for k, v in ref.state_dict().items()}
+    sd.update({f"vae.{k}": v for k, v in randomize(zoo.build("tiny-vae-flux")).state_dict().items()})
+    sd["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
+    save_file(sd, tmp_path / "flux-fp8-full.safetensors")
+    model = zoo.load("tiny-flux", tmp_path / "flux-fp8-full.safetensors", compute_dtype="fp32")
+    assert model.img_in.weight.dtype == torch.float8_e4m3fn and model.img_in.bias.dtype == torch.float32
+    rounded = randomize(zoo.build("tiny-flux")).eval()
+    rounded.load_state_dict({k: v.to(torch.float8_e4m3fn).float() for k, v in ref.state_dict().items()})
+    got, want = _run(model, rounded)
+    assert max_rel_err(got, want) <= 1e-5
