@@ -258,6 +258,17 @@ def _bytes_of(t: Tensor):
     return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
+def _describe(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
+    """Family and layout for the metadata, where `detect` recognises the model."""
+    from checkpoints_convert.detect import DetectError, detect  # detect imports this module
+
+    try:
+        det = detect(state_dict)
+    except DetectError:
+        return {}
+    return {"zoo_family": det.family, "zoo_layout": det.layout, **({"zoo_config": det.config} if det.config else {})}
+
+
 def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None, *,
               source: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write safetensors atomically (temp file + rename); refuses to overwrite a file the tensors were read from.
@@ -271,7 +282,8 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a file name ending in .safetensors")
     dtypes = ",".join(sorted({NAMES.get(t.dtype, str(t.dtype)) for t in state_dict.values() if isinstance(t, Tensor)}))
-    meta = {"format": "pt", "dtype": dtypes, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    meta = {"format": "pt", "dtype": dtypes, **_describe(state_dict),
+            **{str(k): str(v) for k, v in (metadata or {}).items()}}
     header: dict = {"__metadata__": meta}
     offset = 0
     for key, t in state_dict.items():

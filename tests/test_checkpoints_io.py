@@ -188,3 +188,12 @@ def test_release_drops_file_pages_and_data_stays_readable(tmp_path):
     anon = torch.ones(2**20)
     sd.release(anon)  # not inside a file mapping: left alone (MADV_DONTNEED would zero anonymous memory)
     assert anon.sum().item() == 2**20
+
+
+def test_metadata_records_family_layout_and_dtype(tmp_path):
+    import zoo
+
+    save_file({k: v.half() for k, v in zoo.build("tiny-flux", device="cpu").state_dict().items()},
+              tmp_path / "f.safetensors")
+    meta = load_file(tmp_path / "f.safetensors").metadata
+    assert (meta["zoo_family"], meta["zoo_layout"], meta["dtype"], meta["format"]) == ("flux", "official", "F16", "pt")
