@@ -1,6 +1,8 @@
 """zoo.load: any layout -> official model on meta with assigned tensors; dtypes, fp8 storage, key reports."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -140,3 +142,22 @@ def test_all_fp8_full_checkpoint_like_shared_files(tmp_path, ref):
     rounded.load_state_dict({k: v.to(torch.float8_e4m3fn).float() for k, v in ref.state_dict().items()})
     got, want = _run(model, rounded)
     assert max_rel_err(got, want) <= 1e-5
+
+
+def test_sharded_diffusers_folder_and_ldm_ckpt_load(tmp_path, ref):
+    d = convert(ref.state_dict(), to="diffusers")
+    keys = sorted(d)
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: d[k] for k in part}, folder / name)
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text("{}")
+    torch.save({"state_dict": {f"model.diffusion_model.{k}": v for k, v in ref.state_dict().items()},
+                "global_step": 10}, tmp_path / "ldm.ckpt")
+    for src in (folder, tmp_path / "ldm.ckpt"):
+        got, want = _run(zoo.load(None, src), ref)
+        assert max_rel_err(got, want) <= 1e-5
