@@ -161,3 +161,14 @@ def test_sharded_diffusers_folder_and_ldm_ckpt_load(tmp_path, ref):
     for src in (folder, tmp_path / "ldm.ckpt"):
         got, want = _run(zoo.load(None, src), ref)
         assert max_rel_err(got, want) <= 1e-5
+
+
+def test_named_config_picks_its_model_out_of_a_full_checkpoint():
+    unet = randomize(zoo.build("tiny-unet"), seed=9).state_dict()
+    vae = randomize(zoo.build("tiny-vae"), seed=10).eval()
+    full = {**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
+            **{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}}
+    model = zoo.load("tiny-vae", full)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_err(model.decode(model.encode(x).mode()), vae.decode(vae.encode(x).mode())) <= 1e-5
