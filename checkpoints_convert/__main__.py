@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import configs
-from checkpoints_convert.convert import DTYPES, LAYOUTS, convert
+from checkpoints_convert.convert import DTYPES, LAYOUTS, cast_tensor, convert
 from checkpoints_convert.detect import DetectError, detect
 from checkpoints_convert.io import NAMES, CheckpointError, load_file, save_file
 
@@ -45,11 +45,19 @@ def run_convert(args: argparse.Namespace) -> str:
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: the output is written as safetensors; give a path ending in .safetensors")
     sd = load_file(args.src, ema=args.ema)
-    out = convert(sd, to=args.to, family=args.family, dtype=args.dtype)
+    out = convert(sd, to=args.to, family=args.family)
     meta = dict(out.metadata)
-    save_file(out, dst, meta, source=args.src, progress=None if args.quiet else _Bar())
+
+    def cast(t):  # one tensor at a time while writing; the source's file pages go once it is copied
+        c = cast_tensor(t, args.dtype)
+        if not t.is_meta and c.data_ptr() != t.data_ptr():
+            sd.release(t)
+        return c
+
+    save_file(out, dst, meta, source=args.src, progress=None if args.quiet else _Bar(),
+              transform=cast if args.dtype else None)
     return (f"{len(out)} tensors ({meta['zoo_family']} -> {args.to}{', ' + args.dtype if args.dtype else ''}): "
-            f"{_gb(_nbytes(sd))} in, {_gb(_nbytes(out))} out, {time.perf_counter() - start:.1f} s -> {dst}")
+            f"{_gb(_nbytes(sd))} in, {_gb(dst.stat().st_size)} out, {time.perf_counter() - start:.1f} s -> {dst}")
 
 
 def run_inspect(path: str) -> str:

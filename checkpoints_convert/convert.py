@@ -80,17 +80,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def cast(sd: Mapping[str, Tensor], dtype: str | torch.dtype) -> dict[str, Tensor]:
-    """Cast floating tensors; fp8 (e4m3fn) only for matmul/conv weights (ndim >= 2), the rest to bf16, as the
-    fp8 Flux files people share. Casting to fp8 saturates at +-448 (e4m3fn has no inf)."""
+def cast_tensor(t: Tensor, dtype: str | torch.dtype) -> Tensor:
+    """One tensor of `cast`: floating only; fp8 (e4m3fn) only for matmul/conv weights (ndim >= 2), the rest to
+    bf16, as the fp8 Flux files people share. Casting to fp8 saturates at +-448 (e4m3fn has no inf)."""
     dtype = parse_dtype(dtype)
-    fp8 = dtype.itemsize == 1
-    out = {}
-    for k, t in sd.items():
-        if not t.is_floating_point():
-            out[k] = t
-        elif fp8 and t.ndim < 2:
-            out[k] = t.to(torch.bfloat16)
-        else:
-            out[k] = t.to(dtype)
-    return out
+    if not t.is_floating_point():
+        return t
+    return t.to(torch.bfloat16 if dtype.itemsize == 1 and t.ndim < 2 else dtype)
+
+
+def cast(sd: Mapping[str, Tensor], dtype: str | torch.dtype) -> dict[str, Tensor]:
+    """Every tensor through `cast_tensor` (all at once; `save_file(transform=...)` casts one at a time)."""
+    dtype = parse_dtype(dtype)
+    return {k: cast_tensor(t, dtype) for k, t in sd.items()}

@@ -270,10 +270,13 @@ def _describe(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
 
 
 def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None, *,
-              source: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
+              source: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
+              transform: Callable[[Tensor], Tensor] | None = None) -> Path:
     """Write safetensors atomically (temp file + rename); refuses to overwrite a file the tensors were read from.
 
-    `progress(bytes_done, bytes_total)` is called after each tensor is written.
+    `progress(bytes_done, bytes_total)` is called after each tensor is written. `transform` (e.g. a dtype cast)
+    is applied to each tensor just before it is written, and to a `meta` twin to plan the header, so only one
+    transformed tensor exists at a time.
     """
     path = Path(path)
     inputs = list(getattr(state_dict, "paths", ())) + ([Path(source)] if source is not None else [])
@@ -281,18 +284,20 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
         raise CheckpointError(f"{path}: refusing to overwrite the input file; write to a new path")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a file name ending in .safetensors")
-    dtypes = ",".join(sorted({NAMES.get(t.dtype, str(t.dtype)) for t in state_dict.values() if isinstance(t, Tensor)}))
-    meta = {"format": "pt", "dtype": dtypes, **_describe(state_dict),
-            **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    header: dict = {"__metadata__": meta}
+    header: dict = {}
     offset = 0
     for key, t in state_dict.items():
+        if transform is not None and isinstance(t, Tensor):
+            t = transform(torch.empty_like(t, device="meta"))  # dtype and shape only
         if not isinstance(t, Tensor) or t.dtype not in NAMES:
             raise CheckpointError(f"{key}: cannot store {type(t).__name__} {getattr(t, 'dtype', '')} in safetensors")
         nbytes = t.numel() * t.element_size()
         header[key] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    dtypes = ",".join(sorted({e["dtype"] for e in header.values()}))
+    meta = {"format": "pt", "dtype": dtypes, **_describe(state_dict),
+            **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    raw = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data (and every 8-byte-aligned tensor) starts aligned
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -300,6 +305,7 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
             f.write(struct.pack("<Q", len(raw)) + raw)
             done = 0
             for t in state_dict.values():
+                t = transform(t) if transform is not None else t
                 f.write(_bytes_of(t))  # one tensor at a time: memory stays at the largest tensor
                 done += t.numel() * t.element_size()
                 if progress is not None:

@@ -197,3 +197,17 @@ def test_metadata_records_family_layout_and_dtype(tmp_path):
               tmp_path / "f.safetensors")
     meta = load_file(tmp_path / "f.safetensors").metadata
     assert (meta["zoo_family"], meta["zoo_layout"], meta["dtype"], meta["format"]) == ("flux", "official", "F16", "pt")
+
+
+def test_save_file_transform_casts_one_tensor_at_a_time(tmp_path):
+    seen = []
+
+    def half(t):
+        seen.append(t.device.type)
+        return t.half()
+
+    sd = {"a": torch.randn(3, 4), "b": torch.randn(5)}
+    save_file(sd, tmp_path / "h.safetensors", transform=half)
+    got = load_file(tmp_path / "h.safetensors")
+    assert all(torch.equal(got[k], sd[k].half()) for k in sd) and got.metadata["dtype"] == "F16"
+    assert seen == ["meta", "meta", "cpu", "cpu"]  # planned on meta twins, converted only while writing
