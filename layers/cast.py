@@ -11,14 +11,22 @@ from torch import Tensor, nn
 
 
 class CastLinear(nn.Linear):
-    """`nn.Linear` computing in `compute_dtype` whatever dtype its weight is stored in."""
+    """`nn.Linear` computing in `compute_dtype` whatever dtype its weight is stored in.
+
+    `weight_scale` (a non-persistent buffer, so not in `state_dict()`): the true weight is `weight * scale`, as
+    in ComfyUI's "scaled fp8" files; applied to the matmul's output, so the fp8 weight is never rescaled.
+    """
 
     compute_dtype: torch.dtype
 
     def forward(self, x: Tensor) -> Tensor:
         cd = self.compute_dtype
         bias = self.bias.to(cd) if self.bias is not None else None
-        return F.linear(x.to(cd), self.weight.to(cd), bias)  # the upcast copy lives for this matmul only
+        scale = self._buffers.get("weight_scale")
+        if scale is None:
+            return F.linear(x.to(cd), self.weight.to(cd), bias)  # the upcast copy lives for this matmul only
+        y = F.linear(x.to(cd), self.weight.to(cd)) * scale.to(cd)
+        return y + bias if bias is not None else y
 
 
 class CastConv1d(nn.Conv1d):

@@ -172,3 +172,24 @@ def test_named_config_picks_its_model_out_of_a_full_checkpoint():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert max_rel_err(model.decode(model.encode(x).mode()), vae.decode(vae.encode(x).mode())) <= 1e-5
+
+
+def test_comfy_scaled_fp8_file_rescales_each_layer(tmp_path, ref):
+    # ComfyUI "scaled fp8": weight = fp8 * scale_weight per layer, plus scale_input and a `scaled_fp8` marker
+    sd, rounded_sd = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in ref.state_dict().items():
+        if v.ndim == 2:
+            scale = v.abs().max() / 448
+            q = (v / scale).to(torch.float8_e4m3fn)
+            sd[k], sd[k[:-len("weight")] + "scale_weight"] = q, scale.reshape(1)
+            sd[k[:-len("weight")] + "scale_input"] = torch.ones(1)
+            rounded_sd[k] = q.float() * scale
+        else:
+            sd[k] = rounded_sd[k] = v
+    save_file(sd, tmp_path / "scaled.safetensors")
+    model = zoo.load("tiny-flux", tmp_path / "scaled.safetensors", compute_dtype="fp32")
+    assert list(model.state_dict()) == list(ref.state_dict())  # the scales are no parameters
+    rounded = randomize(zoo.build("tiny-flux")).eval()
+    rounded.load_state_dict(rounded_sd)
+    got, want = _run(model, rounded)
+    assert max_rel_err(got, want) <= 1e-5

@@ -20,7 +20,7 @@ from checkpoints_convert.convert import parse_dtype, select
 from checkpoints_convert.detect import DetectError, detect
 from checkpoints_convert.io import load_file
 from checkpoints_convert.keymap import KeyMapError
-from layers.cast import CASTS, cast_layers
+from layers.cast import CASTS, CastLinear, cast_layers
 from zoo.registry import _read_spec, build, get_config, list_models
 
 FAMILY_OF_ARCH = {"flux": "flux", "unet": "unet", "controlnet": "controlnet", "t2i_adapter": "t2i_adapter",
@@ -103,6 +103,17 @@ def _official(sd: Mapping[str, Tensor], arch: str, config: Any = None) -> Mappin
         raise LoadError(f"cannot convert this {det} checkpoint to the official layout: {e}") from None
 
 
+def _take_scales(sd: Mapping[str, Tensor], matmul: set[str]) -> tuple[dict[str, Tensor], Mapping[str, Tensor]]:
+    """ComfyUI "scaled fp8" files: per-layer `scale_weight` (true weight = fp8 weight * scale), `scale_input`
+    (for fp8 matmuls; an upcast matmul needs none) and a `scaled_fp8` marker -> (layer -> scale, the rest)."""
+    if "scaled_fp8" not in sd:
+        return {}, sd
+    n = len(".scale_weight")
+    scales = {k[:-n]: v for k, v in sd.items() if k.endswith(".scale_weight") and k[:-n] + ".weight" in matmul}
+    drop = {"scaled_fp8"} | {f"{k}.scale_weight" for k in scales} | {k for k in sd if k.endswith(".scale_input")}
+    return scales, {k: v for k, v in sd.items() if k not in drop}
+
+
 def _target_dtype(t: Tensor, is_matmul_weight: bool, dtype: torch.dtype | None,
                   compute_dtype: torch.dtype | None) -> torch.dtype:
     if not t.is_floating_point():
@@ -143,9 +154,12 @@ def load(
 
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
     matmul = {f"{n}.weight".lstrip(".") for n, m in model.named_modules() if type(m) in layers or isinstance(m, CASTS)}
+    scales, sd = _take_scales(sd, matmul)
     stored_fp8 = any(sd[k].dtype.itemsize == 1 and sd[k].is_floating_point() for k in matmul if k in sd)
     if compute_dtype is None and ((dtype is not None and dtype.itemsize == 1) or (dtype is None and stored_fp8)):
         compute_dtype = torch.bfloat16  # fp8 cannot be computed in: upcast per layer, as fp8 Flux files are run
+    if scales and compute_dtype is None:  # the scale lives in the cast layers
+        compute_dtype = dtype if dtype is not None and dtype.itemsize > 1 else torch.bfloat16
     if compute_dtype is not None:
         cast_layers(model, compute_dtype)
 
@@ -176,6 +190,11 @@ def load(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left and torch.device(device).type != "meta":
         raise LoadError(f"tensors not in the state dict stayed on meta (non-persistent buffers?): {left[:10]}")
+    for name, scale in scales.items():  # scaled fp8: the layer rescales its output (a non-persistent buffer)
+        if not isinstance(model.get_submodule(name), CastLinear):
+            raise LoadError(f"{name}.scale_weight: scaled weights are supported on Linear layers only")
+        model.get_submodule(name).register_buffer("weight_scale", scale.to(device=device, dtype=torch.float32),
+                                                  persistent=False)
     model.eval()
     return model if strict else (model, report)
 
