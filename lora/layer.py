@@ -123,7 +123,7 @@ class LoRALayer(nn.Module):
                 continue
             down, up = self.lora_down[name], self.lora_up[name]
             h = up(down(x.to(down.weight.dtype)))
-            out = out + (h * (self.scaling(name) * weight)).to(out.dtype)
+            out = torch.add(out, h.to(out.dtype), alpha=self.scaling(name) * weight)  # scale fused into the add
         return out
 
     # ---- merge ----
