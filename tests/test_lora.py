@@ -232,3 +232,20 @@ def test_fp8_stored_base_with_cast_layers_gets_adapters_in_the_compute_dtype():
         assert plain(x[0]).dtype == torch.float32
         with pytest.raises(ValueError, match="fp8"):
             plain.merge()
+
+
+def test_a_training_step_reaches_only_the_selected_adapters():
+    model = randomize(Tiny(), seed=10)
+    lora.inject(model, ["proj", "conv", "out"], rank=2)
+    params = lora.trainable(model, ["proj", "conv"])
+    x = inputs(4)
+    loss = sum(o.square().mean() for o in model(*x))
+    loss.backward()
+    named = dict(model.named_parameters())
+    # B starts at zero, so only B gets a gradient on the first step (A's gradient is B^T times something)
+    assert all(named[n].grad is not None for n in params if "lora_up" in n)
+    assert all(p.grad is None for n, p in named.items() if n not in params)
+    opt = torch.optim.SGD([named[n] for n in params], lr=0.1)
+    before = model.proj.weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.proj.weight, before) and model.proj.lora_up["default"].weight.abs().sum() > 0
