@@ -45,12 +45,16 @@ def test_flux_to_diffusers_equals_diffusers_own_converter():
     pytest.importorskip("diffusers")
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    # diffusers' converter assumes width 3072: full width, one block of each kind, random fp16 bit patterns
-    # (only bytes move, so any pattern will do and it is 4x quicker to draw than randn)
+    # diffusers' converter assumes width 3072: full width, one block of each kind, fp16 bit patterns tiled from a
+    # random pool of prime length (only bytes move, so any pattern will do; no two rows or halves repeat)
     g = torch.Generator().manual_seed(0)
+    pool = torch.empty(1_000_003, dtype=torch.int16).random_(generator=g)
     model = zoo.build("flux-dev", device="meta", depth=1, depth_single_blocks=1)
-    sd = {k: torch.empty(v.shape, dtype=torch.int16).random_(generator=g).view(torch.float16)
-          for k, v in model.state_dict().items()}
+    sd = {}
+    for i, (k, v) in enumerate(model.state_dict().items()):
+        n = v.numel()
+        tiled = pool.repeat(n // pool.numel() + 2)[7919 * i % pool.numel():][:n]
+        sd[k] = tiled.view(torch.float16).reshape(v.shape)
     _assert_identical(dict(convert(sd, to="diffusers")), convert_flux_transformer_checkpoint_to_diffusers(dict(sd)))
 
 
