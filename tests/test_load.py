@@ -193,3 +193,11 @@ def test_comfy_scaled_fp8_file_rescales_each_layer(tmp_path, ref):
     rounded.load_state_dict(rounded_sd)
     got, want = _run(model, rounded)
     assert max_rel_err(got, want) <= 1e-5
+
+
+def test_a_lora_file_is_pointed_to_the_lora_package():
+    from checkpoints_convert.detect import DetectError
+
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64)}
+    with pytest.raises(DetectError, match=r"this is a LoRA \(kohya.*`lora` package"):
+        zoo.load(None, lora)

@@ -65,6 +65,9 @@ def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, nn.Module, Mapping[str, Ten
     on meta, and the checkpoint in the official layout."""
     det = detect(sd)
     arch = ARCH_OF_FAMILY.get(det.family)
+    if det.family == "lora":
+        raise DetectError(f"this is a LoRA ({det.layout}, {det.note}): load its base model with zoo.load, then "
+                          "apply the LoRA with the `lora` package")
     if arch is None:
         raise DetectError(f"this checkpoint holds {det}, which zoo.load does not build; pass a config")
     official = _official(sd, arch)
