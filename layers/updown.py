@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layers.conv import Conv2d
+
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then (if `use_conv`) a 3x3 conv named `conv` (UNet and VAE decoders alike)."""
@@ -14,7 +16,7 @@ class Upsample(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=padding)
+            self.conv = Conv2d(channels, self.out_channels, 3, padding=padding)
         elif self.out_channels != channels:
             raise ValueError(f"Upsample without a conv cannot change channels ({channels} -> {self.out_channels})")
 
@@ -31,7 +33,7 @@ class Downsample(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         if use_conv:
-            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
+            self.op = Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
         elif self.out_channels != channels:
             raise ValueError(f"Downsample without a conv cannot change channels ({channels} -> {self.out_channels})")
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from layers.conv import Conv2d
 from layers.embeddings import timestep_embedding
 from layers.norms import GroupNorm32
 from layers.resblock import ResBlock
@@ -55,7 +56,7 @@ class UNetEncoder(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(),
                                                          nn.Linear(ted, ted)))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         ch, ds = mc, 1
         self.skip_channels = [ch]  # channels of every input block's output (the skips the decoder consumes)
         for level, mult in enumerate(cfg.channel_mult):
@@ -155,7 +156,7 @@ class UNet(UNetEncoder):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         # official: conv(model_channels, ...), which is `ch` whenever channel_mult[0] == 1 (every released model)
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(
         self,
