@@ -43,6 +43,12 @@ def _transformer(o: str, d: str, depth: int) -> list[Entry]:
     return e
 
 
+def _block(o: str, d: str, j: int, depth: int) -> list[Entry]:
+    """Official block `o` (ResBlock `.0`, SpatialTransformer `.1`) <-> `d`.resnets.j and `d`.attentions.j."""
+    e = _resnet(f"{o}.0", f"{d}.resnets.{j}")
+    return e + (_transformer(f"{o}.1", f"{d}.attentions.{j}", depth) if depth else [])
+
+
 def _encoder_entries(s: Structure, label: str | None) -> list[Entry]:
     """time/label embeddings, conv_in, input blocks and the middle block (UNet and ControlNet alike)."""
     e = [Entry("time_embed.0", ("time_embedding.linear_1",)), Entry("time_embed.2", ("time_embedding.linear_2",)),
@@ -54,9 +60,7 @@ def _encoder_entries(s: Structure, label: str | None) -> list[Entry]:
     n = 1
     for i, lv in enumerate(s.down):
         for j, depth in enumerate(lv.attn):
-            e += _resnet(f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}")
-            if depth:
-                e += _transformer(f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", depth)
+            e += _block(f"input_blocks.{n}", f"down_blocks.{i}", j, depth)
             n += 1
         if lv.resample:
             e.append(Entry(f"input_blocks.{n}.0.op", (f"down_blocks.{i}.downsamplers.0.conv",)))
@@ -73,9 +77,7 @@ def unet_entries(s: Structure, label: str | None = None) -> list[Entry]:
     n = 0
     for i, lv in enumerate(s.up):
         for j, depth in enumerate(lv.attn):
-            e += _resnet(f"output_blocks.{n}.0", f"up_blocks.{i}.resnets.{j}")
-            if depth:
-                e += _transformer(f"output_blocks.{n}.1", f"up_blocks.{i}.attentions.{j}", depth)
+            e += _block(f"output_blocks.{n}", f"up_blocks.{i}", j, depth)
             if lv.resample and j == len(lv.attn) - 1:
                 e.append(Entry(f"output_blocks.{n}.{2 if depth else 1}.conv", (f"up_blocks.{i}.upsamplers.0.conv",)))
             n += 1
