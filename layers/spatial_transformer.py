@@ -79,9 +79,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # (B, L, D)
-        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        # the residual adds go in place into each branch's fresh output (a Linear's, whose backward does not need it)
+        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
