@@ -1,6 +1,9 @@
 """LoRA costs: forward overhead of the 95 "omnix" adapters on Flux (unmerged and merged), and extraction time.
 
-    python bench/lora.py [--threads 2 --hidden 512 --img-tokens 256 --txt-tokens 64 --rank 16 --device cpu]
+    python bench/lora.py [--threads 1 --hidden 512 --img-tokens 256 --txt-tokens 64 --rank 16 --device cpu]
+
+One thread by default: on a busy 2-core machine every multi-threaded matmul, however small, can wait ~15 ms for
+its second thread, which would bill the adapters' 190 small matmuls for the scheduler rather than for their math.
 
 Forward: a Flux with FLUX.1-dev's depth (19 double + 38 single blocks, so the preset patches its real 95 layers)
 at width `--hidden`, fp32; base vs 95 rank-16 adapters unmerged vs merged, interleaved medians.
@@ -117,7 +120,7 @@ def extraction(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--img-tokens", type=int, default=256)
