@@ -92,3 +92,31 @@ def test_controlnet_bad_hint_and_context():
     with pytest.raises(ValueError, match="missing required field"):
         zoo.build({k: v for k, v in zoo.get_config("controlnet-sd15").__dict__.items() if k != "hint_channels"}
                   | {"arch": "controlnet"}, device="meta")
+
+
+def test_sdxl_like_controlnet_with_text_time_and_y_matches_diffusers():
+    from layers.embeddings import timestep_embedding
+
+    ref = randomize(diffusers.ControlNetModel(
+        in_channels=4, conditioning_channels=3, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=48,
+        attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=40),
+        seed=12, std=0.1).eval()
+    fields = dict(zoo.get_config("tiny-sdxl").__dict__)
+    ours = zoo.build({**fields, "arch": "controlnet", "hint_channels": 3}).eval()
+    ours.load_state_dict(controlnet_from_diffusers(ref.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 7, 48, generator=g)
+    te = torch.randn(2, 16, generator=g)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 2, 4, 32, 48]])
+    y = torch.cat([te, timestep_embedding(ids.flatten(), 4, time_factor=1.0, keep_dtype=False).reshape(2, -1)], 1)
+    hint, t = torch.rand(2, 3, 64, 96, generator=g), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        down, mid = ref(x, t, encoder_hidden_states=c, controlnet_cond=hint, return_dict=False,
+                        added_cond_kwargs={"text_embeds": te, "time_ids": ids})
+        got = ours(x, hint, t, c, y=y)
+    assert len(got) == len(down) + 1 == 10
+    for a, b in zip(got, [*down, mid]):
+        assert a.shape == b.shape and max_rel_err(a, b) <= 1e-5
+    assert sorted(controlnet_to_diffusers(ours.state_dict())) == sorted(ref.state_dict())
