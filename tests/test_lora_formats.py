@@ -49,6 +49,16 @@ def run_ours(m, x):
     return m(x["img"], x["iid"], x["txt"], x["tid"], x["t"], x["y"], guidance=x["g"])
 
 
+def add_random_adapter(ref, config, seed: int, std: float) -> None:
+    """A peft adapter on a diffusers model, with random non-zero A and B (peft starts B at zero)."""
+    ref.add_adapter(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 @pytest.mark.parametrize("targets, patterns", [
     (ALL, dict(rank_pattern={"proj_mlp": 2, "to_v": 3}, alpha_pattern={"to_k": 2.0, "norm_out.linear": 16.0})),
     (["to_q", "to_v", "proj_mlp", "add_k_proj"], {}),  # fused modules with missing parts
@@ -62,12 +72,7 @@ def test_diffusers_flux_lora_in_our_flux_matches_diffusers(tmp_path, targets, pa
     ours = zoo.build({"arch": "flux", **TINY}).eval()
     ours.load_state_dict(flux_from_diffusers(ref.state_dict()), strict=True)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **patterns)
-    ref.add_adapter(config)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    add_random_adapter(ref, config, seed=5, std=0.2)
     FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
                                    transformer_lora_adapter_metadata=config.to_dict())
     path = tmp_path / "pytorch_lora_weights.safetensors"
@@ -238,12 +243,8 @@ def test_diffusers_unet_lora_in_our_unet_matches_diffusers(tmp_path):
     ours = loaded("tiny-unet", ref)
     config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=UNET_TARGETS, rank_pattern={"conv1": 2},
                              alpha_pattern={"to_v": 1.0})
-    ref.add_adapter(config)
+    add_random_adapter(ref, config, seed=5, std=0.1)
     g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(ref),
                                               unet_lora_adapter_metadata=config.to_dict())
     x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10.0, 700.0])
@@ -283,12 +284,9 @@ def test_kohya_sd15_lora_written_by_diffusers_loads_into_our_unet():
 
     ref = sd15_like()
     ours = loaded("tiny-unet", ref)
-    ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS))  # kohya's writer: alpha = rank
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS)  # kohya's writer: alpha = rank
+    add_random_adapter(ref, config, seed=6, std=0.1)
     g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(ref).items()})
     assert detect(kohya) == "kohya" and any(k.startswith("lora_unet_down_blocks_") for k in kohya)
     report = lora.load(ours, kohya, strict=True)
