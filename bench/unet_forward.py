@@ -88,7 +88,7 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
         mem = {k: extra_peak_mib(fn) for k, fn in run.items()}
-        peak = gemm_gflops()
+        peak = max(gemm_gflops(), gemm_gflops())  # the better of two, as machine load drifts
         if args.profile:
             with torch.profiler.profile() as prof:
                 run["zoo"]()
@@ -103,7 +103,8 @@ def main() -> None:
         print(f"{k:10s} median {med[k] * 1e3:8.1f} ms  (min {min(times[k]) * 1e3:8.1f})  {gf:6.1f} GFLOP/s "
               f"= {gf / peak:5.1%} of GEMM  CPU time {med_cpu[k] * 1e3:8.1f} ms  extra peak RSS {mem[k]:7.1f} MiB")
     print(f"ratio zoo / diffusers: wall {med['zoo'] / med['diffusers']:.3f}, CPU time "
-          f"{med_cpu['zoo'] / med_cpu['diffusers']:.3f}   max rel diff of outputs: {err:.2e}")
+          f"{med_cpu['zoo'] / med_cpu['diffusers']:.3f}, of minimum wall times "
+          f"{min(times['zoo']) / min(times['diffusers']):.3f}   max rel diff of outputs: {err:.2e}")
 
 
 if __name__ == "__main__":
