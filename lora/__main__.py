@@ -5,44 +5,23 @@ import argparse
 import os
 import sys
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from checkpoints_convert.io import load_file as read_checkpoint
+from checkpoints_convert.io import read_header, save_file
 from lora.extract import extract
-from lora.formats import FORMATS, convert, family_of_checkpoint, load_file, read, save_file
+from lora.formats import FORMATS, convert, family_of_checkpoint, load_file, read
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class LazyFile(Mapping):
-    """A .safetensors file as a mapping that reads each tensor when asked (two full models need not fit in RAM)."""
-
-    def __init__(self, path: Path):
-        self._f = safe_open(str(path), framework="pt")
-        self._keys = list(self._f.keys())
-        self._set = set(self._keys)
-
-    def __getitem__(self, k):
-        return self._f.get_tensor(k)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, k):
-        return k in self._set
-
-
 def _checkpoint(path: str):
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"error: no file at {p}")
-    return LazyFile(p) if p.suffix == ".safetensors" else load_file(p)[0]
+    try:
+        return read_checkpoint(path)  # memory-mapped: each tensor is read from the file when used
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _check_out(out: str, *inputs: str) -> Path:
@@ -81,9 +60,14 @@ def cmd_extract(a) -> None:
     print(f"wrote {out} ({len(sd)} tensors, {a.format})")
 
 
+def _family(base: str | None):
+    """The name map of a base checkpoint, from its safetensors header alone (keys and shapes)."""
+    return family_of_checkpoint({k: tuple(v["shape"]) for k, v in read_header(base)[0].items()}) if base else None
+
+
 def cmd_inspect(a) -> None:
     sd, meta = load_file(a.file)
-    factors, unmatched, fmt = read(sd, meta)
+    factors, unmatched, fmt = read(sd, meta, family=_family(a.base))
     print(f"{a.file}: {fmt} LoRA, {len(factors)} module(s), {sum(t.numel() for t in sd.values()):,} parameters")
     ranks = Counter(f.down.shape[0] for f in factors.values())
     alphas = Counter(f.alpha if f.alpha is not None else f.down.shape[0] for f in factors.values())
@@ -93,17 +77,14 @@ def cmd_inspect(a) -> None:
         shape = "x".join(str(d) for d in (f.up.shape[0], *f.down.shape[1:]))
         print(f"  {n:<60} rank {f.down.shape[0]:>4}  alpha {alpha:<8g} delta {shape}")
     if unmatched:
-        print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}")
+        print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}"
+              + ("" if a.base else "; --base CHECKPOINT maps a UNet's names"))
 
 
 def cmd_convert(a) -> None:
     out = _check_out(a.out, a.src)
     sd, meta = load_file(a.src)
-    family = None
-    if a.base:
-        with safe_open(a.base, framework="pt") as f:
-            family = family_of_checkpoint({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    new, new_meta, unmatched = convert(sd, a.to, meta, family=family, drop_unmatched=a.drop_unmatched)
+    new, new_meta, unmatched = convert(sd, a.to, meta, family=_family(a.base), drop_unmatched=a.drop_unmatched)
     save_file(new, out, new_meta)
     print(f"wrote {out}: {len(new)} tensors in {a.to} format" +
           (f"; dropped {len(unmatched)} unplaced key(s): {unmatched[:10]}" if unmatched else ""))
@@ -128,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--verbose", action="store_true", help="print every module's error, not the worst 10")
     i = sub.add_parser("inspect", help="format, targets, ranks and alphas of a LoRA file")
     i.add_argument("file")
+    i.add_argument("--base", default=None, help="a .safetensors checkpoint of the base model, to map its names")
     c = sub.add_parser("convert", help="rewrite a LoRA in another format")
     c.add_argument("src")
     c.add_argument("out")

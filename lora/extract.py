@@ -101,6 +101,9 @@ def extract(base_sd, tuned_sd, *, rank: int | None = 32, conv_rank: int | None =
         if w1.shape != w0.shape:
             raise ValueError(f"{k}: base has shape {tuple(w0.shape)}, tuned {tuple(w1.shape)}")
         delta = w1.to(device=device, dtype=torch.float32) - w0.to(device=device, dtype=torch.float32)
+        for sd, w in ((base_sd, w0), (tuned_sd, w1)):
+            if hasattr(sd, "release"):  # a memory-mapped checkpoint: drop the file pages just read
+                sd.release(w)
         if delta.abs().max() <= min_diff:
             report.unchanged.append(name)
             continue

@@ -12,21 +12,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file as _st_save
 from torch import Tensor, nn
 
+from checkpoints_convert.io import load_file as read_checkpoint
+from checkpoints_convert.io import save_file
 from checkpoints_convert.keymap import Entry
 from lora.inject import inject, list_targets, lora_layers
 
 FORMATS = ("ours", "comfy", "kohya", "diffusers", "xlabs")
+_UNET_DIFFUSERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",
+                   "add_embedding.", "class_embedding")
 LABEL = "add_embedding"  # where diffusers puts SDXL's `label_emb` (text_time)
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 _ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
@@ -109,6 +110,8 @@ def family_of_keys(modules: list[str], factors: dict[str, Factor]) -> Family:
         hidden = next((f.down.shape[1] for m, f in factors.items()
                        if re.search(r"(qkv|linear1|to_q|to_k|to_v|add_[qkv]_proj)$", m)), 3072)
         return flux_family(modules, hidden)
+    if any(m.startswith(_UNET_DIFFUSERS) for m in modules):
+        return Family("unet")  # diffusers UNet names: their official names depend on the block structure
     return Family()
 
 
@@ -220,6 +223,8 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
         if name in family.part and name not in family.official:
             e, i = family.part[name]
             parts.setdefault(e.official, {})[i] = f
+        elif targets is None and family.name == "unet" and not family.entries and name.startswith(_UNET_DIFFUSERS):
+            unmatched.append(mod)  # no structure to map it with: not passed on under a diffusers name
         elif targets is None or name in targets:
             if fmt == "xlabs" and name.endswith("linear1") and name in family.rows:  # x-flux adapts only the qkv rows
                 f = Factor(f.down, torch.cat([f.up, f.up.new_zeros(family.rows[name] - f.up.shape[0], f.up.shape[1])]))
@@ -363,38 +368,12 @@ def convert(sd: dict[str, Tensor], to: str, metadata: dict | None = None, *, fam
     return out, meta, unmatched
 
 
-# ---- files ----
+# ---- files (checkpoints_convert.io: mmap'd safetensors, weights-only pickles, atomic writes) ----
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """A .safetensors LoRA -> (state dict, metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no LoRA file at {path}")
-    if path.suffix != ".safetensors":
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        return sd.get("state_dict", sd), {}
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def save_file(sd: dict[str, Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write atomically (a temp file in the same folder, then rename), so a reader never sees half a file."""
-    path = Path(path)
-    seen, clean = set(), {}
-    for k, t in sd.items():  # safetensors refuses shared storage (an A copied to q, k and v)
-        t = t.detach().contiguous()
-        clean[k] = t.clone() if t.data_ptr() in seen else t
-        seen.add(t.data_ptr())
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _st_save(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
+    """A LoRA file -> (state dict, safetensors metadata)."""
+    ck = read_checkpoint(path)
+    return ck, ck.metadata
 
 
 # ---- a model's adapters ----

@@ -133,3 +133,29 @@ def test_cli_extract_inspect_convert(tmp_path, capsys):
     assert "refusing to overwrite" in str(code)
     code, *_ = run("inspect", b)
     assert "not a LoRA in any known format" in str(code)
+
+
+def test_cli_maps_a_diffusers_unet_lora_with_the_base_checkpoint(tmp_path, capsys):
+    import zoo
+    from checkpoints_convert.io import save_file as save_checkpoint
+    from lora.formats import Factor, family_of_model, write
+
+    unet = zoo.build("tiny-unet")
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(0)
+    factors = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": Factor(torch.randn(2, 32, generator=g),
+                                                                         torch.randn(32, 2, generator=g), 1.0),
+               "input_blocks.1.0.in_layers.2": Factor(torch.randn(2, 32, 3, 3, generator=g),
+                                                      torch.randn(32, 2, 1, 1, generator=g), 2.0)}
+    sd, meta = write(factors, "diffusers", family_of_model(unet))
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in sd
+    save_checkpoint(sd, tmp_path / "d.safetensors", meta)
+    with pytest.raises(SystemExit, match="needs the base checkpoint"):
+        main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"])
+    main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya",
+          "--base", str(tmp_path / "base.safetensors")])
+    back = load_file(tmp_path / "k.safetensors")[0]
+    assert torch.equal(back["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"],
+                       factors["input_blocks.1.0.in_layers.2"].down)
+    assert back["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha"].item() == 1.0
+    capsys.readouterr()

@@ -224,7 +224,7 @@ def test_bad_files_are_clear_errors(tmp_path):
         lora.load(model, {"img_in.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="unknown LoRA format"):
         write({}, "lycoris")
-    with pytest.raises(ValueError, match="no LoRA file"):
+    with pytest.raises(ValueError, match="no such file"):
         lora.load(model, tmp_path / "missing.safetensors")
 
 
