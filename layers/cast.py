@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layers.conv import Conv2d as GemmConv2d
+
 
 class CastLinear(nn.Linear):
     """`nn.Linear` computing in `compute_dtype` whatever dtype its weight is stored in.
@@ -49,7 +51,9 @@ class CastConv2d(nn.Conv2d):
         return self._conv_forward(x.to(cd), self.weight.to(cd), self.bias.to(cd) if self.bias is not None else None)
 
 
-CAST_OF = {nn.Linear: CastLinear, nn.Conv1d: CastConv1d, nn.Conv2d: CastConv2d}
+# exact types only: a subclass may compute something else (a LoRA layer); `layers.conv.Conv2d` computes a plain
+# conv (its GEMM path is a CPU speed-up), so its cast twin is the stock conv in the compute dtype
+CAST_OF = {nn.Linear: CastLinear, nn.Conv1d: CastConv1d, nn.Conv2d: CastConv2d, GemmConv2d: CastConv2d}
 CASTS = tuple(CAST_OF.values())
 
 
@@ -69,7 +73,7 @@ def cast_layers(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
             if isinstance(child, CASTS):
                 child.compute_dtype = compute_dtype
                 swapped.append(f"{name}.{child_name}".lstrip("."))
-            elif type(child) in CAST_OF:  # exact type: a subclass (a LoRA layer, ...) has its own forward
+            elif type(child) in CAST_OF:
                 twin = CAST_OF[type(child)].__new__(CAST_OF[type(child)])
                 twin.__dict__.update(child.__dict__)
                 twin.compute_dtype = compute_dtype

@@ -9,7 +9,7 @@ import torch
 import zoo
 from checkpoints_convert.convert import cast, convert
 from checkpoints_convert.io import save_file
-from layers.cast import CastLinear, cast_layers
+from layers.cast import CASTS, CastLinear, cast_layers
 from tests.conftest import max_rel_err, randomize
 from zoo.load import LoadError
 
@@ -201,3 +201,20 @@ def test_a_lora_file_is_pointed_to_the_lora_package():
     lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64)}
     with pytest.raises(DetectError, match=r"this is a LoRA \(kohya.*`lora` package"):
         zoo.load(None, lora)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_low_precision_convs_of_a_unet_compute_in_fp32(dtype):
+    ref = randomize(zoo.build("tiny-unet"), seed=11).eval()
+    model = zoo.load("tiny-unet", ref.state_dict(), dtype=dtype, compute_dtype="fp32")
+    low = cast({"w": torch.zeros(1, 1)}, dtype)["w"].dtype
+    cast_names = {n for n, m in model.named_modules() if isinstance(m, CASTS)}
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m, CASTS) and m.weight.dtype == low for m in convs)
+    rounded = randomize(zoo.build("tiny-unet")).eval()
+    rounded.load_state_dict({k: v.to(low).float() if k.endswith(".weight") and k[:-7] in cast_names else v
+                             for k, v in ref.state_dict().items()})
+    torch.manual_seed(0)
+    args, kwargs = zoo.example_inputs(ref, height=64, width=64)
+    with torch.no_grad():
+        assert max_rel_err(model(*args, **kwargs), rounded(*args, **kwargs)) <= 1e-5

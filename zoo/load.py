@@ -20,7 +20,7 @@ from checkpoints_convert.convert import parse_dtype, select
 from checkpoints_convert.detect import DetectError, detect
 from checkpoints_convert.io import load_file
 from checkpoints_convert.keymap import KeyMapError
-from layers.cast import CASTS, CastLinear, cast_layers
+from layers.cast import CAST_OF, CASTS, CastLinear, cast_layers
 from zoo.registry import _read_spec, build, get_config, list_models
 
 FAMILY_OF_ARCH = {"flux": "flux", "unet": "unet", "controlnet": "controlnet", "t2i_adapter": "t2i_adapter",
@@ -155,8 +155,7 @@ def load(
         model = build(config, device="meta")
         sd = _official(sd, model.arch, config)
 
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
-    matmul = {f"{n}.weight".lstrip(".") for n, m in model.named_modules() if type(m) in layers or isinstance(m, CASTS)}
+    matmul = {f"{n}.weight".lstrip(".") for n, m in model.named_modules() if type(m) in CAST_OF or isinstance(m, CASTS)}
     scales, sd = _take_scales(sd, matmul)
     stored_fp8 = any(sd[k].dtype.itemsize == 1 and sd[k].is_floating_point() for k in matmul if k in sd)
     if compute_dtype is None and ((dtype is not None and dtype.itemsize == 1) or (dtype is None and stored_fp8)):
