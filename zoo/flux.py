@@ -127,9 +127,13 @@ class SingleStreamBlock(nn.Module):
         mod, _ = self.modulation(vec)
         x_mod = modulate(self.pre_norm(x), mod.shift, mod.scale)
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        mlp = self.mlp_act(mlp)  # (B, L, mlp_hidden)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe=pe), self.mlp_act(mlp)), dim=2))
+        # own v, so the wide linear1 output (3 D + mlp_hidden per token) is freed before the attention runs
+        del qkv
+        v = v.contiguous()
+        out = self.linear2(torch.cat((attention(q, k, v, pe=pe), mlp), dim=2))
         return x + mod.gate * out
 
 
