@@ -4,14 +4,14 @@
     zoo.list_models()
     model = zoo.build("tiny-flux")                 # or a YAML path, a dict {"arch": ..., ...}, a config
     meta = zoo.build("flux-dev", device="meta")    # full size, no memory
-    print(zoo.trace(meta, *zoo.example_inputs(meta, device="meta")))
+    args, kwargs = zoo.example_inputs(meta, device="meta")
+    print(zoo.trace(meta, *args, **kwargs))
+    model = zoo.load("flux-dev", "flux1-dev.safetensors")  # any supported layout, memory-mapped
 """
-from zoo import flux  # noqa: F401  (registers the arch)
-from zoo import controlnet, hint_encoder, t2i_adapter, unet  # noqa: F401
-from zoo import sana  # noqa: F401
-from zoo import autoencoder  # noqa: F401
+# importing each family module registers its architecture(s) with the registry
+from zoo import autoencoder, controlnet, flux, hint_encoder, sana, t2i_adapter, unet  # noqa: F401
 from zoo.load import load
 from zoo.registry import build, get_config, list_archs, list_models, register
 from zoo.trace import example_inputs, trace
 
-__all__ = ["build", "get_config", "list_archs", "list_models", "register", "trace", "example_inputs", "flux", "load"]
+__all__ = ["build", "get_config", "list_archs", "list_models", "register", "trace", "example_inputs", "load"]
