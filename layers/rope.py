@@ -18,12 +18,18 @@ def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
 
 
 def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate consecutive pairs of q and k channels (B, H, L, D) in float32; returns them in their dtype."""
-    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)  # (B, H, L, D/2, 1, 2)
-    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
-    xq_out = freqs_cis[..., 0] * xq_[..., 0] + freqs_cis[..., 1] * xq_[..., 1]
-    xk_out = freqs_cis[..., 0] * xk_[..., 0] + freqs_cis[..., 1] * xk_[..., 1]
-    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+    """Rotate consecutive pairs of q and k channels (B, H, L, D) in float32; returns them in their dtype.
+
+    Upstream multiplies each pair by the 2x2 matrix [[cos, -sin], [sin, cos]]; writing the two rows out with
+    cos and sin gives the same products and sums, bit for bit, without strided reads of the matrix.
+    """
+    cos, sin = freqs_cis[..., 0, 0], freqs_cis[..., 1, 0]  # (B, 1, L, D/2)
+
+    def rotate(x: Tensor) -> Tensor:
+        x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, H, L, D/2) each
+        return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).reshape(x.shape).type_as(x)
+
+    return rotate(xq), rotate(xk)
 
 
 class EmbedND(nn.Module):
