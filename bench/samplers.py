@@ -22,16 +22,10 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import samplers  # noqa: E402
 from bench.common import median_times  # noqa: E402
-from samplers.analytic import Gaussian, Mixture1D  # noqa: E402
+from samplers.analytic import reference_problems  # noqa: E402
 
 DETERMINISTIC = [n for n in samplers.SAMPLERS if n != "euler_a"]  # euler_a follows the SDE, not the ODE
-GAUSS = Gaussian(mu=torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), s=2.0)
-MIXTURE = Mixture1D(
-    w=torch.tensor([0.3, 0.7], dtype=torch.float64),
-    m=torch.tensor([-1.5, 1.0], dtype=torch.float64),
-    s=torch.tensor([0.3, 0.6], dtype=torch.float64),
-)
-NOISE = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-2.5, 2.5)
+GAUSS, MIXTURE, NOISE = reference_problems()
 FLOW = samplers.FlowSchedule(shift=3.0)
 VP_CLEAN = samplers.VPSchedule("scaled_linear", timestep_spacing="trailing")
 VP_T0 = samplers.VPSchedule("scaled_linear", set_alpha_to_one=False)

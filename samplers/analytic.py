@@ -91,3 +91,16 @@ class Mixture1D:
             below = self.cdf(mid, a1, s1) < u
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return 0.5 * (lo + hi)
+
+
+def reference_problems() -> tuple[Gaussian, Mixture1D, Tensor]:
+    """The fixed problems the order tests and `bench/samplers.py` share: N(mu, 4 I) in 4-D, a 1-D two-Gaussian
+    mixture, and (3, 4) float64 noise clamped to +-2.5 (the mixture uses its first column)."""
+    gauss = Gaussian(mu=torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), s=2.0)
+    mixture = Mixture1D(
+        w=torch.tensor([0.3, 0.7], dtype=torch.float64),
+        m=torch.tensor([-1.5, 1.0], dtype=torch.float64),
+        s=torch.tensor([0.3, 0.6], dtype=torch.float64),
+    )
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-2.5, 2.5)
+    return gauss, mixture, noise

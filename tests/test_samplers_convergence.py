@@ -19,18 +19,12 @@ import pytest
 import torch
 
 import samplers
-from samplers.analytic import Gaussian, Mixture1D
+from samplers.analytic import reference_problems
 
 STEPS = (5, 10, 20, 40, 80)
 FIT = (20, 40, 80)
 
-GAUSS = Gaussian(mu=torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), s=2.0)
-MIXTURE = Mixture1D(
-    w=torch.tensor([0.3, 0.7], dtype=torch.float64),
-    m=torch.tensor([-1.5, 1.0], dtype=torch.float64),
-    s=torch.tensor([0.3, 0.6], dtype=torch.float64),
-)
-NOISE = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-2.5, 2.5)
+GAUSS, MIXTURE, NOISE = reference_problems()
 
 FLOW = samplers.FlowSchedule(shift=3.0)
 VP = samplers.VPSchedule("scaled_linear", set_alpha_to_one=False)  # grids end at timestep 0, sigma = 0.03
