@@ -44,3 +44,10 @@ def test_cli_list_and_trace():
     out = run_cli("trace", "tiny-flux", "--height", "64", "--width", "128", "--depth", "2")
     assert "final_layer" in out and "1x32x16" in out
     assert out.strip().endswith("parameters (0.00 B)")
+
+
+def test_cli_reports_bad_names_and_sizes_without_a_traceback():
+    for args, message in ((["trace", "flux-deb"], "did you mean flux-dev"),
+                          (["trace", "tiny-flux", "--height", "100"], "multiples of 16 pixels, got 100x1024")):
+        done = subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr

@@ -23,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in zoo.list_models():
             print(f"{name:24s} {zoo.get_config(name).__class__.__name__}")
         return 0
-    model = zoo.build(args.name, device="meta")
-    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
-    inputs, kwargs = zoo.example_inputs(model, batch=args.batch, device="meta", **size)
+    try:
+        model = zoo.build(args.name, device="meta")
+        size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+        inputs, kwargs = zoo.example_inputs(model, batch=args.batch, device="meta", **size)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"python -m zoo trace: {e}", file=sys.stderr)
+        return 2
     t = zoo.trace(model, *inputs, max_depth=args.depth, **kwargs)
     print(t)
     total = sum(p.numel() for p in model.parameters())
