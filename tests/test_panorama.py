@@ -26,6 +26,7 @@ def models():
     plain = randomize(zoo.build("tiny-flux"), seed=4).eval()
     wrapped = zoo.build("tiny-flux", circular_pad=1).eval()
     wrapped.load_state_dict(plain.state_dict())
+    torch.manual_seed(0)
     args, kwargs = plain.example_inputs(batch=1, height=8 * 2 * H, width=8 * 2 * W, txt_len=4)
     return plain, wrapped, args, kwargs
 
