@@ -24,7 +24,8 @@ import samplers  # noqa: E402
 from bench.common import median_times  # noqa: E402
 from samplers.analytic import reference_problems  # noqa: E402
 
-DETERMINISTIC = [n for n in samplers.SAMPLERS if n != "euler_a"]  # euler_a follows the SDE, not the ODE
+# euler_a follows the SDE, not the ODE; bridge is LBM's (a BridgeSchedule only)
+DETERMINISTIC = [n for n in samplers.SAMPLERS if n not in ("euler_a", "bridge")]
 GAUSS, MIXTURE, NOISE = reference_problems()
 FLOW = samplers.FlowSchedule(shift=3.0)
 VP_CLEAN = samplers.VPSchedule("scaled_linear", timestep_spacing="trailing")

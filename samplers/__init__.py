@@ -1,4 +1,5 @@
-"""samplers: noise schedules, flow-matching Euler/Heun, DPM-Solver(++) multistep, DDIM and classifier-free guidance.
+"""samplers: noise schedules, flow-matching Euler/Heun, DPM-Solver(++) multistep, DDIM, the LBM bridge sampler and
+classifier-free guidance.
 
 A model is any function `model_fn(x, t)`; see `sample` for what t is under each schedule.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 from .guidance import Guidance
 from .sampling import SAMPLERS, sample
-from .schedules import FlowSchedule, Schedule, VPSchedule, flux_mu, flux_schedule, shift_time
+from .schedules import BridgeSchedule, FlowSchedule, Schedule, VPSchedule, flux_mu, flux_schedule, shift_time
 
 __all__ = [
     "SAMPLERS",
+    "BridgeSchedule",
     "FlowSchedule",
     "Guidance",
     "Schedule",

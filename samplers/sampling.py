@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .guidance import Guidance, ModelFn
-from .schedules import Schedule, log_snr
-from .solvers import Callback, Grid, ddim, dpm_multistep, euler, heun
+from .schedules import BridgeSchedule, Schedule, log_snr
+from .solvers import Callback, Grid, bridge, ddim, dpm_multistep, euler, heun
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": euler,
@@ -23,6 +23,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm++3m": partial(dpm_multistep, order=3),
     "dpm-solver-2m": partial(dpm_multistep, order=2, data=False),
     "dpm-solver-3m": partial(dpm_multistep, order=3, data=False),
+    "bridge": bridge,
 }
 DEFAULT_ETA = {"ddim": 0.0, "euler_a": 1.0}  # the samplers that take `eta`
 
@@ -46,8 +47,9 @@ def sample(
     flow time in [0, 1]; VPSchedule: training timestep in [0, T), as SD UNets take it) and returns what
     `schedule.prediction` names. The grid is `schedule.grid(steps)` or `timesteps` (strictly decreasing, schedule
     time); a grid that stops above `schedule.end_time` gets a final step there appended. `noise` is taken as the
-    state at the first time (pure noise for the default grids). `eta` sets the stochasticity of `ddim` (default 0)
-    and `euler_a` (default 1); `generator` draws that noise. `callback(step, total, x)` runs after every step.
+    state at the first time (pure noise for the default grids; the source latent for `bridge`, which needs a
+    BridgeSchedule and re-injects its bridge noise between steps, drawn from `generator`). `eta` sets the
+    stochasticity of `ddim` (default 0) and `euler_a` (default 1); `generator` draws that noise. `callback(step, total, x)` runs after every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
@@ -63,6 +65,10 @@ def sample(
     if guidance is not None:
         model_fn = guidance.wrap(model_fn)
     options = {"callback": callback}
+    if sampler == "bridge":
+        if not isinstance(schedule, BridgeSchedule):
+            raise ValueError(f"sampler 'bridge' needs a samplers.BridgeSchedule, got {type(schedule).__name__}")
+        options.update(noise_std=[schedule.bridge_std(t) for t in grid.t], generator=generator)
     if sampler in DEFAULT_ETA:
         options.update(eta=DEFAULT_ETA[sampler] if eta is None else float(eta), generator=generator)
     return SAMPLERS[sampler](_denoiser(model_fn, noise, schedule, grid), noise, grid, **options)

@@ -139,6 +139,27 @@ class FlowSchedule(Schedule):
 
 
 @dataclass
+class BridgeSchedule(FlowSchedule):
+    """Latent bridge matching (LBM, Chadebec et al. 2025): x_t = (1 - t) x_target + t x_source + b_t eps.
+
+    The flow path with the source latent in place of the noise (so alpha, sigma, grid and the `flow` prediction
+    x_source - x_target are FlowSchedule's), plus the Brownian-bridge noise b_t = sigma_b sqrt(t (1 - t)) that
+    vanishes at both ends. Training draws x_t with `bridge_std`; the `bridge` sampler re-injects it between steps.
+    """
+
+    sigma_b: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.sigma_b >= 0:
+            raise ValueError(f"sigma_b must be >= 0, got {self.sigma_b}")
+
+    def bridge_std(self, t: float) -> float:
+        """The bridge noise's standard deviation b_t = sigma_b sqrt(t (1 - t)) at time t."""
+        return self.sigma_b * math.sqrt(max(0.0, t * (1.0 - t)))
+
+
+@dataclass
 class VPSchedule(Schedule):
     """Discrete variance-preserving schedule of DDPM/LDM: alpha_t^2 = prod(1 - beta), sigma_t^2 = 1 - alpha_t^2.
 

@@ -37,15 +37,19 @@ def _flow_coords(g: Grid, i: int) -> tuple[float, float]:
     return n, g.sigma[i] / n
 
 
+def _euler_step(x: Tensor, x0: Tensor, eps: Tensor, g: Grid, i: int) -> Tensor:
+    """One Euler step from node i to i + 1 of dz/ds = eps - x0 (z = x/n, s); see `euler`."""
+    (n0, s0), (n1, s1) = _flow_coords(g, i), _flow_coords(g, i + 1)
+    return torch.add(x if n1 == n0 else (n1 / n0) * x, eps - x0, alpha=n1 * (s1 - s0))
+
+
 def euler(denoise: Denoiser, x: Tensor, g: Grid, callback: Callback = None) -> Tensor:
     """Euler on the probability-flow ODE dz/ds = eps - x0 in rectified-flow coordinates (z = x/n, s).
 
     For FlowSchedule this is Flux's `x + (t_next - t) v`; on any schedule it equals DDIM (eta = 0).
     """
     for i in range(g.steps):
-        x0, eps = denoise(x, i)
-        (n0, s0), (n1, s1) = _flow_coords(g, i), _flow_coords(g, i + 1)
-        x = torch.add(x if n1 == n0 else (n1 / n0) * x, eps - x0, alpha=n1 * (s1 - s0))
+        x = _euler_step(x, *denoise(x, i), g, i)
         if callback is not None:
             callback(i + 1, g.steps, x)
     return x
@@ -61,6 +65,25 @@ def heun(denoise: Denoiser, x: Tensor, g: Grid, callback: Callback = None) -> Te
         if g.sigma[i + 1] > 0:  # the model is never evaluated at the noise-free end
             x0_next, eps_next = denoise(x, i + 1)
             x = n1 * (z + (0.5 * (s1 - s0)) * (d + eps_next - x0_next))
+        if callback is not None:
+            callback(i + 1, g.steps, x)
+    return x
+
+
+def bridge(
+    denoise: Denoiser,
+    x: Tensor,
+    g: Grid,
+    noise_std: list[float],
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+) -> Tensor:
+    """LBM's sampler: an `euler` step of the bridge, then fresh bridge noise noise_std[i+1] z after every step
+    but the last (the official `LBMModel.sample`); with noise_std all zero it is `euler`."""
+    for i in range(g.steps):
+        x = _euler_step(x, *denoise(x, i), g, i)
+        if i < g.steps - 1 and noise_std[i + 1] > 0:
+            x = x + noise_std[i + 1] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         if callback is not None:
             callback(i + 1, g.steps, x)
     return x

@@ -209,7 +209,7 @@ def test_cosine_betas_work_with_every_sampler():
     sch = samplers.VPSchedule("squaredcos_cap_v2", timestep_spacing="trailing")
     model = GAUSS.model_fn(sch)
     exact = GAUSS.solve(sch, NOISE, 999.0, -1.0)
-    for name in samplers.SAMPLERS:
+    for name in (n for n in samplers.SAMPLERS if n != "bridge"):  # bridge runs on a BridgeSchedule only
         out = samplers.sample(
             model, NOISE, sampler=name, steps=30, schedule=sch, generator=torch.Generator().manual_seed(0)
         )
