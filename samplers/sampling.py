@@ -49,7 +49,8 @@ def sample(
     time); a grid that stops above `schedule.end_time` gets a final step there appended. `noise` is taken as the
     state at the first time (pure noise for the default grids; the source latent for `bridge`, which needs a
     BridgeSchedule and re-injects its bridge noise between steps, drawn from `generator`). `eta` sets the
-    stochasticity of `ddim` (default 0) and `euler_a` (default 1); `generator` draws that noise. `callback(step, total, x)` runs after every step.
+    stochasticity of `ddim` (default 0) and `euler_a` (default 1); `generator` draws that noise.
+    `callback(step, total, x)` runs after every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
