@@ -2,6 +2,7 @@
 attention, RoPE, the timestep embedding, norms, adaLN modulation, the ResBlocks, the transformer blocks."""
 from layers.attention import attention, key_padding_mask
 from layers.cast import CastConv1d, CastConv2d, CastLinear, cast_layers
+from layers.checkpoint import Checkpointed
 from layers.conv import Conv2d
 from layers.embeddings import MLPEmbedder, timestep_embedding
 from layers.linear_attention import LiteLA, linear_attention
@@ -16,7 +17,7 @@ from layers.updown import Downsample, Upsample
 from layers.vae_blocks import AttnBlock, ResnetBlock
 
 __all__ = [
-    "attention", "key_padding_mask", "CastConv1d", "CastConv2d", "CastLinear", "cast_layers", "Conv2d",
+    "attention", "key_padding_mask", "Checkpointed", "CastConv1d", "CastConv2d", "CastLinear", "cast_layers", "Conv2d",
     "MLPEmbedder", "timestep_embedding", "LiteLA", "linear_attention", "GLUMBConv", "gelu_mlp", "Modulation",
     "ModulationOut", "modulate", "GroupNorm32", "QKNorm", "RMSNorm", "ResBlock", "EmbedND", "apply_rope", "rope",
     "BasicTransformerBlock", "CrossAttention", "SpatialTransformer", "Downsample", "Upsample", "AttnBlock",

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layers.checkpoint import Checkpointed
 from layers.updown import Upsample
 from layers.vae_blocks import AttnBlock, Downsample, ResnetBlock, normalize
 from zoo.registry import register
@@ -98,7 +99,7 @@ class Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-class Encoder(nn.Module):
+class Encoder(Checkpointed, nn.Module):
     """Image (B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f), f = 2**(len(ch_mult)-1)."""
 
     def __init__(self, p: AutoEncoderParams):
@@ -119,13 +120,13 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
-                h = block(h)
+                h = self.run(block, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.run(self.mid, h))))
 
 
-class Decoder(nn.Module):
+class Decoder(Checkpointed, nn.Module):
     """Latent (B, z_channels, h, w) -> image (B, out_ch, h*f, w*f); `up.0` is the full-resolution level."""
 
     def __init__(self, p: AutoEncoderParams):
@@ -143,10 +144,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], p.out_ch, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.run(self.mid, self.conv_in(z))
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = self.run(block, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -180,7 +181,7 @@ class DiagonalGaussian:
 
 
 @register("autoencoder_kl", AutoEncoderParams)
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Checkpointed, nn.Module):
     """KL-regularised autoencoder; `forward(x)` is the round trip encode -> posterior mean (or sample) -> decode."""
 
     def __init__(self, params: AutoEncoderParams):

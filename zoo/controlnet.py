@@ -69,11 +69,11 @@ class ControlNet(UNetEncoder):
         guided_hint = self.input_hint_block(hint.to(emb.dtype), emb, context)
         outs, h = [], x.to(emb.dtype)
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
+            h = self.run(block, h, emb, context)
             if i == 0:
                 h = h + guided_hint  # the hint enters once, after the first conv
             outs.append(zero_conv(h, emb, context))
-        h = self.middle_block(h, emb, context)
+        h = self.run(self.middle_block, h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))
         return outs
 

@@ -11,7 +11,17 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from layers import EmbedND, MLPEmbedder, Modulation, QKNorm, attention, gelu_mlp, modulate, timestep_embedding
+from layers import (
+    Checkpointed,
+    EmbedND,
+    MLPEmbedder,
+    Modulation,
+    QKNorm,
+    attention,
+    gelu_mlp,
+    modulate,
+    timestep_embedding,
+)
 from zoo import panorama
 from zoo.registry import register
 
@@ -152,7 +162,7 @@ class LastLayer(nn.Module):
 
 
 @register("flux", FluxParams)
-class Flux(nn.Module):
+class Flux(Checkpointed, nn.Module):
     """Flow-matching transformer on packed 2x2 latent patches; predicts the velocity (noise - data)."""
 
     def __init__(self, params: FluxParams):
@@ -203,10 +213,10 @@ class Flux(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, L, D/2, 2, 2)
 
         for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = self.run(block, img=img, txt=txt, vec=vec, pe=pe)
         img = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            img = block(img, vec=vec, pe=pe)
+            img = self.run(block, img, vec=vec, pe=pe)
         img = self.final_layer(img[:, txt.shape[1] :, ...], vec)
         return panorama.unwrap_tokens(img, grid, pad) if pad else img
 

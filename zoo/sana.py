@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from layers.checkpoint import Checkpointed
 from layers.linear_attention import LiteLA
 from layers.mix_ffn import GLUMBConv
 from layers.norms import RMSNorm
@@ -123,7 +124,7 @@ class SanaMSBlock(nn.Module):
 
 
 @register("sana", SanaConfig)
-class Sana(nn.Module):
+class Sana(Checkpointed, nn.Module):
     """Text-to-image flow model on (B, 32, H/32, W/32) latents with Gemma-2 caption features; predicts velocity."""
 
     def __init__(self, config: SanaConfig):
@@ -164,7 +165,7 @@ class Sana(nn.Module):
         if self.params.y_norm:
             y = self.attention_y_norm(y)
         for block in self.blocks:
-            x = block(x, y, t0, mask, hw)
+            x = self.run(block, x, y, t0, mask, hw)
         x = self.final_layer(x, t)  # (B, N, p*p*C_out)
         return rearrange(x, "B (h w) (p q c) -> B c (h p) (w q)", h=hw[0], p=p, q=p)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from layers.checkpoint import Checkpointed
 from layers.conv import Conv2d
 from layers.embeddings import timestep_embedding
 from layers.norms import GroupNorm32
@@ -39,7 +40,7 @@ def _transformer(cfg: UNetConfig, ch: int, depth: int, disable_self_attn: bool) 
                               cfg.use_linear_in_transformer)
 
 
-class UNetEncoder(nn.Module):
+class UNetEncoder(Checkpointed, nn.Module):
     """What the UNet and the ControlNet share: time/label embeddings, input blocks, middle block, input checks."""
 
     def __init__(self, config: UNetConfig):
@@ -172,11 +173,11 @@ class UNet(UNetEncoder):
         emb = self.embed(timesteps, y)
         h, hs = x.to(emb.dtype), []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context)
+            h = self.run(block, h, emb, context)
             if features and i in features:
                 h = h + features[i]  # T2I-Adapter: the sum is also the skip
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run(self.middle_block, h, emb, context)
         control = list(control) if control is not None else None
         if control is not None:
             h = h + control.pop()  # the official ControlledUnetModel pops from the end: middle first
@@ -184,7 +185,7 @@ class UNet(UNetEncoder):
             skip = hs.pop()
             if control is not None:
                 skip = skip + control.pop()
-            h = block(torch.cat([h, skip], dim=1), emb, context)
+            h = self.run(block, torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).to(x.dtype)
 
     def check_injections(self, x: Tensor, control: list[Tensor] | None, features: dict[int, Tensor] | None) -> None:
