@@ -22,6 +22,7 @@ KEY_MAPS: dict[str, tuple[str, str, str]] = {
     "t2i_adapter": ("checkpoints_convert.unet", "t2i_adapter_to_diffusers", "t2i_adapter_from_diffusers"),
     "sana": ("checkpoints_convert.sana", "sana_to_diffusers", "sana_from_diffusers"),
     "autoencoder": ("checkpoints_convert.autoencoder", "autoencoder_to_diffusers", "autoencoder_from_diffusers"),
+    "dc_ae": ("checkpoints_convert.dc_ae", "dc_ae_to_diffusers", "dc_ae_from_diffusers"),
 }
 LAYOUTS = ("official", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}

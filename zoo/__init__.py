@@ -9,7 +9,7 @@
     model = zoo.load("flux-dev", "flux1-dev.safetensors")  # any supported layout, memory-mapped
 """
 # importing each family module registers its architecture(s) with the registry
-from zoo import autoencoder, controlnet, flux, hint_encoder, sana, t2i_adapter, unet  # noqa: F401
+from zoo import autoencoder, controlnet, dc_ae, flux, hint_encoder, sana, t2i_adapter, unet  # noqa: F401
 from zoo.load import load
 from zoo.registry import build, get_config, list_archs, list_models, register
 from zoo.trace import example_inputs, trace
