@@ -4,10 +4,22 @@ mixed precision, EMA, LoRA or partial-name trainable sets, DDP/FSDP2 under torch
 from __future__ import annotations
 
 from . import objectives, timesteps
+from .checkpoint import ResumeError, latest_checkpoint
+from .ema import EMA
+from .loop import FitResult, fit
+from .metrics import read_metrics
 from .objectives import Objective, bridge_matching, drop_cond, flow_matching, noise_prediction
 from .timesteps import Discrete, LogitNormal, Shifted, Uniform
+from .trainable import select_trainable
 
 __all__ = [
+    "EMA",
+    "FitResult",
+    "ResumeError",
+    "fit",
+    "latest_checkpoint",
+    "read_metrics",
+    "select_trainable",
     "Discrete",
     "LogitNormal",
     "Objective",

@@ -8,7 +8,9 @@ the sampler uses (FlowSchedule, VPSchedule, BridgeSchedule), and the model's tar
 
 with `model_fn(x_t, t, cond) -> prediction`, t a (B,) tensor in the schedule's time (flow time in [0, 1], 1 = noise;
 or the VP training timestep 0 .. T - 1), exactly what `samplers.sample` passes at inference. Random draws come
-from `generator`, in this order: times, noise, the condition-dropout mask.
+from `generator`, in this order: times, noise, the condition-dropout mask. Under data parallelism every process
+draws for the whole global batch and keeps its slice (`shard=(rank, world)`), so N processes see the very
+draws one process would.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from .timesteps import Discrete, LogitNormal, TimestepSampler, Uniform
 TrainModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 
-def drop_cond(cond: Any, p: float, generator: torch.Generator | None = None, null: Any = None) -> Any:
+def drop_cond(
+    cond: Any, p: float, generator: torch.Generator | None = None, null: Any = None, shard: tuple[int, int] = (0, 1)
+) -> Any:
     """Replace each sample's condition by `null` with probability p, for classifier-free guidance training.
 
     `cond` is a tensor with the batch on dim 0, a dict of such tensors, or None. `null` is the unconditional
     value (a tensor broadcastable to one sample's condition, or a dict of them per key); zeros where not given.
+    `shard=(rank, world)`: `cond` is this process's slice of a global batch; the mask is the global one's slice.
     """
     if cond is None or p == 0:
         return cond
@@ -39,13 +44,20 @@ def drop_cond(cond: Any, p: float, generator: torch.Generator | None = None, nul
         tensors = [v for v in cond.values() if isinstance(v, Tensor)]
         if not tensors:
             raise TypeError("cond_drop needs tensors in the condition dict; it holds none")
-        keep = torch.rand(tensors[0].shape[0], generator=generator, device=tensors[0].device) >= p  # (B,)
+        keep = _draw(torch.rand, (tensors[0].shape[0],), shard, generator, tensors[0].device) >= p  # (B,)
         nulls = null if isinstance(null, dict) else {}
         return {k: _where(keep, v, nulls.get(k)) if isinstance(v, Tensor) else v for k, v in cond.items()}
     if not isinstance(cond, Tensor):
         raise TypeError(f"cond_drop works on a tensor or a dict of tensors, got {type(cond).__name__}")
-    keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= p
+    keep = _draw(torch.rand, (cond.shape[0],), shard, generator, cond.device) >= p
     return _where(keep, cond, null)
+
+
+def _draw(fn, shape: tuple[int, ...], shard: tuple[int, int], generator, device, **kw) -> Tensor:
+    """fn(global shape) drawn from `generator`, this shard's slice of dim 0."""
+    rank, world = shard
+    out = fn((shape[0] * world, *shape[1:]), generator=generator, device=device, **kw)
+    return out[rank * shape[0] : (rank + 1) * shape[0]] if world > 1 else out
 
 
 def _where(keep: Tensor, value: Tensor, null: Tensor | None) -> Tensor:
@@ -111,6 +123,7 @@ class Objective:
         cond: Any = None,
         generator: torch.Generator | None = None,
         source: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> Tensor:
         """The mean loss over the batch: a scalar in fp32 (fp64 for fp64 inputs)."""
         if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim < 2:
@@ -121,9 +134,11 @@ class Objective:
                              f"`source` is only for a BridgeSchedule, this objective uses {name}")
         if source is not None and source.shape != x0.shape:
             raise ValueError(f"source shape {tuple(source.shape)} != x0 shape {tuple(x0.shape)}")
-        t = self.timesteps.sample(x0.shape[0], generator, x0.device)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        cond = drop_cond(cond, self.cond_drop, generator, self.null_cond)
+        rank, world = shard
+        B = x0.shape[0]
+        t = self.timesteps.sample(B * world, generator, x0.device)[rank * B : (rank + 1) * B]  # (B,)
+        noise = _draw(torch.randn, tuple(x0.shape), shard, generator, x0.device, dtype=x0.dtype)
+        cond = drop_cond(cond, self.cond_drop, generator, self.null_cond, shard)
         x_t, target, weight = self.path(x0, noise, t, source)
         pred = model_fn(x_t, t, cond)
         if pred.shape != target.shape:
