@@ -4,19 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-import configs
 from checkpoints_convert.convert import DTYPES, LAYOUTS, cast_tensor, convert
-from checkpoints_convert.detect import DetectError, detect
-from checkpoints_convert.io import NAMES, CheckpointError, load_file, save_file
-
-SHIPPED = {p.stem for p in Path(configs.__file__).parent.glob("*.yaml")}
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+from checkpoints_convert.io import CheckpointError, load_file, save_file
+from checkpoints_convert.summary import gb as _gb
+from checkpoints_convert.summary import nbytes as _nbytes
+from checkpoints_convert.summary import summarize
 
 
 class _Bar:
@@ -33,10 +27,6 @@ class _Bar:
         sys.stderr.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {pct:3d}% {_gb(done)} / {_gb(total)}")
         sys.stderr.write("\n" if done >= total else "")
         sys.stderr.flush()
-
-
-def _nbytes(sd) -> int:
-    return sum(t.numel() * t.element_size() for t in sd.values())
 
 
 def run_convert(args: argparse.Namespace) -> str:
@@ -60,30 +50,6 @@ def run_convert(args: argparse.Namespace) -> str:
             f"{_gb(_nbytes(sd))} in, {_gb(dst.stat().st_size)} out, {time.perf_counter() - start:.1f} s -> {dst}")
 
 
-def run_inspect(path: str) -> str:
-    sd = load_file(path)
-    dtypes = Counter(NAMES.get(t.dtype, str(t.dtype)) for t in sd.values())
-    params = sum(t.numel() for t in sd.values() if t.is_floating_point())
-    lines = [f"file: {path} ({len(sd)} tensors, {_gb(_nbytes(sd))})"]
-    try:
-        det = detect(sd)
-        lines.append(f"model: {det}")
-        if det.family != "lora":
-            if det.config in SHIPPED:
-                lines.append(f"zoo config: {det.config}  ->  zoo.load({det.config!r}, {str(path)!r})")
-            else:
-                lines.append("zoo config: no release matches; zoo.load(None, FILE) tries every shipped config of "
-                             "the family by keys and shapes" + (", else builds from the fields read off the shapes"
-                                                                if det.fields else ""))
-    except DetectError as e:
-        lines.append(f"model: not recognised ({str(e).splitlines()[0]})")
-    lines.append("dtypes: " + ", ".join(f"{n} x {c}" for n, c in dtypes.most_common()))
-    lines.append(f"parameters: {params:,} ({params / 1e9:.2f} B)" if params >= 1e8 else f"parameters: {params:,}")
-    if getattr(sd, "metadata", None):
-        lines.append("metadata: " + ", ".join(f"{k}={v[:60]}" for k, v in sorted(sd.metadata.items())))
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
@@ -91,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                     description="Print a checkpoint's family, layout, dtypes and parameter count.")
         p.add_argument("file")
         args = p.parse_args(argv[1:])
-        action = lambda: run_inspect(args.file)
+        action = lambda: summarize(args.file)
     else:
         p = argparse.ArgumentParser(prog="python -m checkpoints_convert",
                                     description="Convert a checkpoint between the official and diffusers layouts "

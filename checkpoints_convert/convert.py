@@ -1,7 +1,7 @@
 """`convert(sd, to=...)`: official <-> diffusers for every family, lossless; dtype casts (fp8 included) for files.
 
-A family plugs in with one row of `KEY_MAPS`: the module and its two functions (official -> diffusers and back).
-Modules are imported on first use, so a family whose key map is missing or broken fails alone, with its name.
+A family plugs in with one row of `families.FAMILIES`: its arch, the module and its two functions (official ->
+diffusers and back). Modules are imported on first use, so a family whose key map is missing or broken fails alone.
 """
 from __future__ import annotations
 
@@ -12,18 +12,12 @@ import torch
 from torch import Tensor
 
 from checkpoints_convert.detect import DetectError, Detection, detect, detect_all
-from checkpoints_convert.io import Checkpoint, CheckpointError
+from checkpoints_convert.errors import CheckpointError
+from checkpoints_convert.families import FAMILIES
+from checkpoints_convert.io import Checkpoint
 
 # family -> (module, official -> diffusers, diffusers -> official)
-KEY_MAPS: dict[str, tuple[str, str, str]] = {
-    "flux": ("checkpoints_convert.flux", "flux_to_diffusers", "flux_from_diffusers"),
-    "unet": ("checkpoints_convert.unet", "unet_to_diffusers", "unet_from_diffusers"),
-    "controlnet": ("checkpoints_convert.unet", "controlnet_to_diffusers", "controlnet_from_diffusers"),
-    "t2i_adapter": ("checkpoints_convert.unet", "t2i_adapter_to_diffusers", "t2i_adapter_from_diffusers"),
-    "sana": ("checkpoints_convert.sana", "sana_to_diffusers", "sana_from_diffusers"),
-    "autoencoder": ("checkpoints_convert.autoencoder", "autoencoder_to_diffusers", "autoencoder_from_diffusers"),
-    "dc_ae": ("checkpoints_convert.dc_ae", "dc_ae_to_diffusers", "dc_ae_from_diffusers"),
-}
+KEY_MAPS: dict[str, tuple[str, str, str]] = {f.name: f.keymap for f in FAMILIES.values() if f.keymap}
 LAYOUTS = ("official", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
@@ -40,9 +34,10 @@ def key_map(family: str, to: str) -> Callable[[dict[str, Tensor]], dict[str, Ten
         raise CheckpointError(f"key map for {family!r} ({module}) is not available: {e}") from None
 
 
-def select(sd: Mapping[str, Tensor], family: str | None = None) -> tuple[Detection, dict[str, Tensor]]:
-    """Detect the model (of `family`, if given) and return it with its wrapper prefix stripped."""
-    det = detect(sd)
+def select(sd: Mapping[str, Tensor], family: str | None = None,
+           det: Detection | None = None) -> tuple[Detection, dict[str, Tensor]]:
+    """The model (of `family`, if given) with its wrapper prefix stripped; `det`: `detect(sd)` if already run."""
+    det = detect(sd) if det is None else det
     if family is not None and det.family != family:
         found = [d for d in detect_all(sd) if d.family == family]
         if not found:

@@ -12,18 +12,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from checkpoints_convert.io import CheckpointError
-from checkpoints_convert.keymap import block_count
+from checkpoints_convert.errors import DetectError
+from checkpoints_convert.families import arch_of
+from checkpoints_convert.flux import flux_widths
+from checkpoints_convert.keymap import WRAPPER_PREFIXES
 
-# wrapper prefixes people save models under (LDM/SGM, ComfyUI, DDP, torch.compile, diffusers pipelines)
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "module.", "_orig_mod.", "net.",
-            "control_model.", "first_stage_model.", "vae.", "transformer.", "unet.", "controlnet.")
+PREFIXES = WRAPPER_PREFIXES
 LORA_MARKS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.",
               "_lora.up.", ".alpha")
-
-
-class DetectError(CheckpointError):
-    """No known family matches: the message lists the nearest ones and what they missed."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +40,11 @@ class Detection:
         if self.components:
             s += "; also holds " + ", ".join(f"{f} under {p!r}" for p, f in self.components.items())
         return s + (f"; {self.note}" if self.note else "")
+
+    @property
+    def arch(self) -> str | None:
+        """The zoo architecture that builds this family (None for a LoRA)."""
+        return arch_of(self.family)
 
 
 @dataclass(frozen=True)
@@ -171,33 +172,24 @@ def _matches(sd: Mapping[str, Tensor]) -> list[tuple[str, Signature]]:
 
 def flux_fields(sd: Mapping[str, Tensor], layout: str = "official", prefix: str = "") -> dict | None:
     """Official `FluxParams` read off the shapes; None where one cannot be (axes_dim is no tensor's shape)."""
-    s = _shape_fn(sd, prefix)
-    o = layout == "official"
-    blocks = "double_blocks" if o else "transformer_blocks"
-    singles = "single_blocks" if o else "single_transformer_blocks"
-    img_in = s("img_in.weight" if o else "x_embedder.weight")
-    hidden = img_in[0]
-    depth = block_count([k[len(prefix):] for k in sd if k.startswith(prefix)], blocks)
-    depth_single = block_count([k[len(prefix):] for k in sd if k.startswith(prefix)], singles)
-    norm = s(f"{blocks}.0.img_attn.norm.query_norm.scale" if o else f"{blocks}.0.attn.norm_q.weight") or \
-        s(f"{singles}.0.norm.query_norm.scale" if o else f"{singles}.0.attn.norm_q.weight")
-    mlp = s(f"{blocks}.0.img_mlp.0.weight" if o else f"{blocks}.0.ff.net.0.proj.weight")
-    if mlp is None:
-        lin1 = s(f"{singles}.0.linear1.weight" if o else f"{singles}.0.proj_mlp.weight")
-        mlp = (lin1[0] - (3 * hidden if o else 0),) if lin1 else None
-    if norm is None or mlp is None or hidden % norm[0]:
+    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
+    s, o = shapes.get, layout == "official"
+    w = flux_widths(shapes)
+    if w is None or w["head_dim"] is None or w["mlp_hidden"] is None or w["hidden"] % w["head_dim"]:
         return None
-    head_dim = norm[0]
-    if head_dim != 128:
+    if w["head_dim"] != 128:
         return None  # only the released head width fixes the RoPE axes split (16, 56, 56)
+    blocks = "double_blocks" if o else "transformer_blocks"
     qkv_bias = s(f"{blocks}.0.img_attn.qkv.bias" if o else f"{blocks}.0.attn.to_q.bias") is not None
     guidance = s("guidance_in.in_layer.weight" if o else "time_text_embed.guidance_embedder.linear_1.weight")
     return dict(
-        arch="flux", in_channels=img_in[1], out_channels=s("final_layer.linear.weight" if o else "proj_out.weight")[0],
+        arch="flux", in_channels=s("img_in.weight" if o else "x_embedder.weight")[1],
+        out_channels=s("final_layer.linear.weight" if o else "proj_out.weight")[0],
         vec_in_dim=s("vector_in.in_layer.weight" if o else "time_text_embed.text_embedder.linear_1.weight")[1],
-        context_in_dim=s("txt_in.weight" if o else "context_embedder.weight")[1], hidden_size=hidden,
-        mlp_ratio=mlp[0] / hidden, num_heads=hidden // head_dim, depth=depth, depth_single_blocks=depth_single,
-        axes_dim=[16, 56, 56], theta=10000, qkv_bias=qkv_bias or depth == 0, guidance_embed=guidance is not None,
+        context_in_dim=s("txt_in.weight" if o else "context_embedder.weight")[1], hidden_size=w["hidden"],
+        mlp_ratio=w["mlp_hidden"] / w["hidden"], num_heads=w["hidden"] // w["head_dim"], depth=w["depth"],
+        depth_single_blocks=w["depth_single"], axes_dim=[16, 56, 56], theta=10000,
+        qkv_bias=qkv_bias or w["depth"] == 0, guidance_embed=guidance is not None,
     )
 
 
@@ -261,3 +253,12 @@ def _nearest(sd: Mapping[str, Tensor]) -> str:
     sample = list(sd)[:5]
     return (f"no known model family matches this state dict ({len(sd)} keys, e.g. {sample}); nearest:\n"
             + "\n".join(lines))
+
+
+def describe(sd: Mapping[str, Tensor]) -> dict[str, str]:
+    """Family, layout and config name as safetensors metadata, where `detect` recognises the model ({} if not)."""
+    try:
+        det = detect(sd)
+    except DetectError:
+        return {}
+    return {"zoo_family": det.family, "zoo_layout": det.layout, **({"zoo_config": det.config} if det.config else {})}

@@ -1,6 +1,8 @@
 """Flux transformer: official (Black Forest Labs) <-> diffusers `FluxTransformer2DModel` key map."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from torch import Tensor
 
 from checkpoints_convert.keymap import Entry, block_count, to_diffusers, to_official
@@ -66,3 +68,22 @@ def flux_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     entries = flux_entries(block_count(sd, "transformer_blocks"), block_count(sd, "single_transformer_blocks"),
                            sd["x_embedder.weight"].shape[0])
     return to_official(entries, sd)
+
+
+def flux_widths(shapes: Mapping[str, Sequence[int]]) -> dict[str, int] | None:
+    """Widths and depths of a Flux read off its keys and shapes, official or diffusers layout (no wrapper prefix):
+    hidden, mlp_hidden, head_dim (None where no q/k norm is present), depth, depth_single; None if no Flux."""
+    o = "img_in.weight" in shapes
+    if not o and "x_embedder.weight" not in shapes:
+        return None
+    blocks, singles = ("double_blocks", "single_blocks") if o else ("transformer_blocks", "single_transformer_blocks")
+    hidden = shapes["img_in.weight" if o else "x_embedder.weight"][0]
+    norm = shapes.get(f"{blocks}.0.img_attn.norm.query_norm.scale" if o else f"{blocks}.0.attn.norm_q.weight") or \
+        shapes.get(f"{singles}.0.norm.query_norm.scale" if o else f"{singles}.0.attn.norm_q.weight")
+    mlp = shapes.get(f"{blocks}.0.img_mlp.0.weight" if o else f"{blocks}.0.ff.net.0.proj.weight")
+    mlp_hidden = mlp[0] if mlp else None
+    if mlp_hidden is None:  # no double block: the single blocks' linear1 is [q | k | v | mlp_in]
+        lin1 = shapes.get(f"{singles}.0.linear1.weight" if o else f"{singles}.0.proj_mlp.weight")
+        mlp_hidden = (lin1[0] - (3 * hidden if o else 0)) if lin1 else None
+    return dict(hidden=hidden, mlp_hidden=mlp_hidden, head_dim=norm[0] if norm else None,
+                depth=block_count(shapes, blocks), depth_single=block_count(shapes, singles))

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from checkpoints_convert.detect import describe
+from checkpoints_convert.errors import CheckpointError
+
 # safetensors dtype names <-> torch dtypes (the spec's names; F8_* are the fp8 formats shared Flux files use)
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,10 +38,6 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("l
 # containers people wrap a state dict in (Lightning's `state_dict`, DiT/PixArt's `model`/`ema`, ...)
 CONTAINERS = ("state_dict", "model", "module", "net")
 EMA_CONTAINERS = ("state_dict_ema", "ema", "model_ema", "ema_model")
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable, safe checkpoint (corrupt, truncated, unsafe pickle, ...); says why."""
 
 
 class Checkpoint(dict):
@@ -258,17 +257,6 @@ def _bytes_of(t: Tensor):
     return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
-def _describe(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
-    """Family and layout for the metadata, where `detect` recognises the model."""
-    from checkpoints_convert.detect import DetectError, detect  # detect imports this module
-
-    try:
-        det = detect(state_dict)
-    except DetectError:
-        return {}
-    return {"zoo_family": det.family, "zoo_layout": det.layout, **({"zoo_config": det.config} if det.config else {})}
-
-
 def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None, *,
               source: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
               transform: Callable[[Tensor], Tensor] | None = None) -> Path:
@@ -295,7 +283,7 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
         header[key] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     dtypes = ",".join(sorted({e["dtype"] for e in header.values()}))
-    meta = {"format": "pt", "dtype": dtypes, **_describe(state_dict),
+    meta = {"format": "pt", "dtype": dtypes, **describe(state_dict),
             **{str(k): str(v) for k, v in (metadata or {}).items()}}
     raw = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data (and every 8-byte-aligned tensor) starts aligned

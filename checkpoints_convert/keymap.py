@@ -14,6 +14,10 @@ import torch
 from torch import Tensor
 
 PARAMS = ("weight", "bias", "scale")
+# wrapper prefixes people save models under (LDM/SGM, ComfyUI, PEFT, DDP, torch.compile, diffusers pipelines)
+WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "model.", "module.",
+                    "_orig_mod.", "net.", "control_model.", "first_stage_model.", "vae.", "transformer.", "unet.",
+                    "controlnet.")
 
 
 class KeyMapError(ValueError):
@@ -41,8 +45,18 @@ class Entry:
     def dparam(self, p: str) -> str:
         return dict(self.param_names).get(p, p)
 
+    def part_sizes(self, rows: int) -> list[int]:
+        """Rows of each diffusers part of a fused official tensor with `rows` rows (default: equal parts)."""
+        n = len(self.diffusers)
+        if self.sizes is not None:
+            return self.sizes(rows)
+        if rows % n:
+            raise KeyMapError(f"{self.official}: {rows} rows cannot be split into {n} equal parts {self.diffusers}")
+        return [rows // n] * n
 
-def _swap(t: Tensor) -> Tensor:
+
+def swap_halves(t: Tensor) -> Tensor:
+    """The two halves of dim 0 in the other order (official (shift, scale) <-> diffusers (scale, shift))."""
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 
@@ -55,15 +69,6 @@ def _conv1x1(entry: Entry, key: str, t: Tensor, to_linear: bool) -> Tensor:
         return t[:, :, None, None]
     want = "(O, I, 1, 1)" if to_linear else "(O, I)"
     raise KeyMapError(f"{key}: shape {tuple(t.shape)} is not the expected {want} of entry {entry.official}")
-
-
-def _sizes(entry: Entry, rows: int) -> list[int]:
-    n = len(entry.diffusers)
-    if entry.sizes is not None:
-        return entry.sizes(rows)
-    if rows % n:
-        raise KeyMapError(f"{entry.official}: {rows} rows cannot be split into {n} equal parts {entry.diffusers}")
-    return [rows // n] * n
 
 
 def _check_consumed(sd: dict, used: set, direction: str) -> None:
@@ -84,10 +89,10 @@ def to_diffusers(entries: list[Entry], sd: dict[str, Tensor]) -> dict[str, Tenso
             key = f"{e.official}.{p}"
             t, used = sd[key], used | {key}
             if e.swap:
-                t = _swap(t)
+                t = swap_halves(t)
             if e.conv1x1 and p == "weight":
                 t = _conv1x1(e, key, t, to_linear=True)
-            parts = torch.split(t, _sizes(e, t.shape[0]), dim=0) if len(e.diffusers) > 1 else (t,)
+            parts = torch.split(t, e.part_sizes(t.shape[0]), dim=0) if len(e.diffusers) > 1 else (t,)
             for name, part in zip(e.diffusers, parts):
                 out[f"{name}.{e.dparam(p)}"] = part
     if missing:
@@ -114,7 +119,7 @@ def to_official(entries: list[Entry], sd: dict[str, Tensor]) -> dict[str, Tensor
             t = torch.cat([sd[k] for k in keys], dim=0) if len(keys) > 1 else sd[keys[0]]
             if e.conv1x1 and dp == "weight":
                 t = _conv1x1(e, keys[0], t, to_linear=False)
-            out[f"{e.official}.{p}"] = _swap(t) if e.swap else t
+            out[f"{e.official}.{p}"] = swap_halves(t) if e.swap else t
         if not e.optional and f"{e.official}.weight" not in out and f"{e.official}.scale" not in out:
             missing.append(f"{e.diffusers[0]}.weight")
     if missing:

@@ -86,7 +86,8 @@ def unet_entries(s: Structure, label: str | None = None) -> list[Entry]:
 
 # ---- structure from keys ----
 
-def _official_structure(keys: set[str]) -> Structure:
+def official_structure(keys: set[str]) -> Structure:
+    """Levels, res blocks per level, transformer depth per block and resamplers of an official UNet/ControlNet."""
     depth = lambda prefix: block_count(keys, f"{prefix}.transformer_blocks")
     down = [Level()]
     for n in range(1, block_count(keys, "input_blocks")):
@@ -114,13 +115,15 @@ def _diffusers_levels(keys: set[str], prefix: str) -> list[Level]:
             for i in range(block_count(keys, prefix))]
 
 
-def _diffusers_structure(keys: set[str]) -> Structure:
+def diffusers_structure(keys: set[str]) -> Structure:
+    """The same `Structure` read off diffusers keys (`down_blocks` / `mid_block` / `up_blocks`)."""
     up = _diffusers_levels(keys, "up_blocks") if any(k.startswith("up_blocks.") for k in keys) else []
     return Structure(_diffusers_levels(keys, "down_blocks"),
                      block_count(keys, "mid_block.attentions.0.transformer_blocks"), up)
 
 
-def _official_label(keys: set[str], target: str) -> str | None:
+def official_label(keys: set[str], target: str) -> str | None:
+    """Where the official `label_emb` goes in diffusers: None, 'class_table' or `target` (a LABEL_TARGETS)."""
     if target not in LABEL_TARGETS:
         raise ValueError(f"label_target {target!r}: expected one of {LABEL_TARGETS}")
     if "label_emb.weight" in keys:
@@ -128,10 +131,16 @@ def _official_label(keys: set[str], target: str) -> str | None:
     return target if "label_emb.0.0.weight" in keys else None
 
 
-def _diffusers_label(keys: set[str]) -> str | None:
+def diffusers_label(keys: set[str]) -> str | None:
+    """The diffusers module holding the label embedding: None, 'class_table' or one of LABEL_TARGETS."""
     if "class_embedding.weight" in keys:
         return "class_table"
     return next((t for t in LABEL_TARGETS if f"{t}.linear_1.weight" in keys), None)
+
+
+# the names lora/ imported before these helpers were public (kept until lora/ uses the public ones)
+_official_structure, _diffusers_structure = official_structure, diffusers_structure
+_official_label, _diffusers_label = official_label, diffusers_label
 
 
 # ---- public functions ----
@@ -139,13 +148,13 @@ def _diffusers_label(keys: set[str]) -> str | None:
 def unet_to_diffusers(sd: dict[str, Tensor], label_target: str = "add_embedding") -> dict[str, Tensor]:
     """Official UNet state dict -> diffusers `UNet2DConditionModel` (`label_target`: where `label_emb.0` goes)."""
     keys = set(sd)
-    return to_diffusers(unet_entries(_official_structure(keys), _official_label(keys, label_target)), sd)
+    return to_diffusers(unet_entries(official_structure(keys), official_label(keys, label_target)), sd)
 
 
 def unet_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers `UNet2DConditionModel` state dict -> official LDM/SGM layout."""
     keys = set(sd)
-    return to_official(unet_entries(_diffusers_structure(keys), _diffusers_label(keys)), sd)
+    return to_official(unet_entries(diffusers_structure(keys), diffusers_label(keys)), sd)
 
 
 def controlnet_entries(s: Structure, label: str | None, hint_convs: int) -> list[Entry]:
@@ -164,15 +173,15 @@ def controlnet_to_diffusers(sd: dict[str, Tensor], label_target: str = "add_embe
     """Official cldm ControlNet state dict -> diffusers `ControlNetModel`."""
     keys = set(sd)
     hint = len({k.split(".")[1] for k in keys if k.startswith("input_hint_block.")})
-    s = _official_structure(keys)
-    return to_diffusers(controlnet_entries(s, _official_label(keys, label_target), hint), sd)
+    s = official_structure(keys)
+    return to_diffusers(controlnet_entries(s, official_label(keys, label_target), hint), sd)
 
 
 def controlnet_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers `ControlNetModel` state dict -> official cldm layout."""
     keys = set(sd)
     hint = 2 + block_count(keys, "controlnet_cond_embedding.blocks")
-    return to_official(controlnet_entries(_diffusers_structure(keys), _diffusers_label(keys), hint), sd)
+    return to_official(controlnet_entries(diffusers_structure(keys), diffusers_label(keys), hint), sd)
 
 
 def t2i_adapter_entries(levels: int, nums_rb: int, in_convs: list[bool]) -> list[Entry]:
@@ -208,5 +217,6 @@ def t2i_adapter_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 __all__ = [
     "unet_to_diffusers", "unet_from_diffusers", "controlnet_to_diffusers", "controlnet_from_diffusers",
     "t2i_adapter_to_diffusers", "t2i_adapter_from_diffusers", "unet_entries", "controlnet_entries",
-    "t2i_adapter_entries",
+    "t2i_adapter_entries", "Structure", "Level", "official_structure", "diffusers_structure", "official_label",
+    "diffusers_label", "LABEL_TARGETS",
 ]

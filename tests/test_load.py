@@ -218,3 +218,12 @@ def test_low_precision_convs_of_a_unet_compute_in_fp32(dtype):
     args, kwargs = zoo.example_inputs(ref, height=64, width=64)
     with torch.no_grad():
         assert max_rel_err(model(*args, **kwargs), rounded(*args, **kwargs)) <= 1e-5
+
+
+def test_zoo_inspect_names_the_config_that_loads_the_file(tmp_path, ref, capsys):
+    from zoo.__main__ import main
+
+    save_file(convert(ref.state_dict(), to="diffusers"), tmp_path / "d.safetensors")
+    assert main(["inspect", str(tmp_path / "d.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "model: flux (diffusers)" in out and "zoo config: tiny-flux" in out

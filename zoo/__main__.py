@@ -1,4 +1,5 @@
-"""`python -m zoo list` | `python -m zoo trace NAME [--height H --width W --batch B --depth D]`."""
+"""`python -m zoo list` | `python -m zoo trace NAME [--height H --width W --batch B --depth D]` |
+`python -m zoo inspect FILE`."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--width", type=int, default=None, help="image width in pixels")
     tr.add_argument("--batch", type=int, default=1)
     tr.add_argument("--depth", type=int, default=None, help="only modules with at most this many path parts")
+    ins = sub.add_parser("inspect", help="describe a checkpoint and name the zoo config that loads it")
+    ins.add_argument("file")
     args = parser.parse_args(argv)
 
+    if args.command == "inspect":
+        from zoo.load import inspect_file
+
+        try:
+            print(inspect_file(args.file))
+        except (ValueError, OSError) as e:
+            print(f"python -m zoo inspect: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "list":
         for name in zoo.list_models():
             print(f"{name:24s} {zoo.get_config(name).__class__.__name__}")

@@ -16,16 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from checkpoints_convert.convert import parse_dtype, select
-from checkpoints_convert.detect import DetectError, detect
-from checkpoints_convert.io import load_file
+from checkpoints_convert.convert import key_map, parse_dtype, select
+from checkpoints_convert.detect import DetectError, Detection, detect
+from checkpoints_convert.families import family_of
+from checkpoints_convert.io import Checkpoint, load_file
 from checkpoints_convert.keymap import KeyMapError
+from checkpoints_convert.summary import summarize
 from layers.cast import CAST_OF, CASTS, CastLinear, cast_layers
-from zoo.registry import _read_spec, build, get_config, list_models
+from zoo.registry import build, get_config, list_models
 
-FAMILY_OF_ARCH = {"flux": "flux", "unet": "unet", "controlnet": "controlnet", "t2i_adapter": "t2i_adapter",
-                  "sana": "sana", "autoencoder_kl": "autoencoder"}
-ARCH_OF_FAMILY = {v: k for k, v in FAMILY_OF_ARCH.items()}
 # diffusers drops Sana's `pos_embed` and `y_embedder.y_embedding` (the forward uses neither): its key map remakes
 # them as zeros, shaped by these config fields
 _REMADE = {"sana": (("pos_embed", "y_embedder.y_embedding"),
@@ -60,48 +59,53 @@ class LoadReport:
         return head + ":\n  " + "\n  ".join(lines[:40]) + more
 
 
-def _resolve(sd: Mapping[str, Tensor]) -> tuple[Any, nn.Module, Mapping[str, Tensor]]:
-    """The shipped config with exactly the checkpoint's keys and shapes (else the fields read off them), its model
-    on meta, and the checkpoint in the official layout."""
-    det = detect(sd)
-    arch = ARCH_OF_FAMILY.get(det.family)
+def which_config(sd: Mapping[str, Tensor], det: Detection | None = None) -> tuple[str | None, Any, nn.Module,
+                                                                               Mapping[str, Tensor]]:
+    """The config a checkpoint loads with: (shipped name or None, config, its model on meta, the checkpoint in the
+    official layout). A shipped config with exactly its keys and shapes wins, else the fields read off them."""
+    det = detect(sd) if det is None else det
     if det.family == "lora":
         raise DetectError(f"this is a LoRA ({det.layout}, {det.note}): load its base model with zoo.load, then "
                           "apply the LoRA with the `lora` package")
-    if arch is None:
+    if det.arch is None:
         raise DetectError(f"this checkpoint holds {det}, which zoo.load does not build; pass a config")
-    official = _official(sd, arch)
+    det, sub = select(sd, det.family, det)
     remade = _REMADE[det.family][0] if det.family in _REMADE and det.layout == "diffusers" else ()
+    official = _to_official(det, sub)
     shapes = {k: tuple(v.shape) for k, v in official.items() if k not in remade}
-    names = [det.config] if det.config in list_models() else []
-    names += [n for n in list_models() if n not in names and _read_spec(n)["arch"] == arch]
+    names = [det.config] if det.config in list_models(det.arch) else []
+    names += [n for n in list_models(det.arch) if n not in names]
     for name in names:
         model = build(name, device="meta")
         if {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in remade} == shapes:
             config = get_config(name)
-            return config, model, _official(sd, arch, config) if remade else official
+            return name, config, model, _to_official(det, sub, config) if remade else official
     if det.fields:
-        return get_config(det.fields), build(det.fields, device="meta"), official
+        config = get_config(det.fields)
+        return None, config, build(config, device="meta"), _to_official(det, sub, config) if remade else official
     raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
                       f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
 
 
 def _official(sd: Mapping[str, Tensor], arch: str, config: Any = None) -> Mapping[str, Tensor]:
-    """Strip wrapper prefixes and convert diffusers layouts to the official one (views where possible)."""
-    family = FAMILY_OF_ARCH.get(arch)
+    """The model of `arch` in the file, prefix stripped, in the official layout (views where possible)."""
+    family = family_of(arch)
     if family is None:
         return sd  # an arch with no detection signature: keys are taken as they are
     try:
         det, sub = select(sd, family)
     except DetectError:
         return sd  # not recognisable (e.g. a pruned file): compare keys as they are, the report says what is off
+    return _to_official(det, sub, config)
+
+
+def _to_official(det: Detection, sub: Mapping[str, Tensor], config: Any = None) -> Mapping[str, Tensor]:
+    """A prefix-stripped model of detection `det` -> the official layout (diffusers' dropped buffers remade)."""
     if det.layout == "official":
         return sub
-    from checkpoints_convert.convert import key_map  # a family without a key map fails here, naming itself
-
-    kwargs = _REMADE[family][1](config) if family in _REMADE and config is not None else {}
+    kwargs = _REMADE[det.family][1](config) if det.family in _REMADE and config is not None else {}
     try:
-        return key_map(family, "official")(sub, **kwargs)
+        return key_map(det.family, "official")(sub, **kwargs)  # a family without a key map fails here, naming itself
     except KeyMapError as e:
         raise LoadError(f"cannot convert this {det} checkpoint to the official layout: {e}") from None
 
@@ -149,7 +153,7 @@ def load(
     dtype = parse_dtype(dtype) if dtype is not None else None
     compute_dtype = parse_dtype(compute_dtype) if compute_dtype is not None else None
     if spec is None:
-        config, model, sd = _resolve(sd)
+        _, config, model, sd = which_config(sd)
     else:
         config = get_config(spec)
         model = build(config, device="meta")
@@ -203,3 +207,22 @@ def load(
 
 def _name(spec, config) -> str:
     return str(spec) if isinstance(spec, (str, Path)) else type(config).__name__
+
+
+def inspect_file(path: str | Path) -> str:
+    """`python -m zoo inspect`: checkpoints_convert's summary of the file plus the config `zoo.load` builds for it."""
+    lines = [line for line in summarize(str(path)).splitlines() if not line.startswith("load: ")]
+    sd = load_file(path)
+    try:
+        det = detect(sd)
+        if det.family == "lora":
+            return "\n".join(lines)
+        shapes = Checkpoint({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()},
+                            paths=sd.paths, metadata=sd.metadata)  # keys and shapes only: nothing is read
+        name, config, _, _ = which_config(shapes, det)
+    except ValueError as e:
+        return "\n".join(lines + [f"zoo config: none ({str(e).splitlines()[0]})"])
+    if name is not None:
+        return "\n".join(lines + [f"zoo config: {name}  ->  zoo.load({name!r}, {str(path)!r})"])
+    return "\n".join(lines + [f"zoo config: not a shipped size; read off the shapes: {config}  ->  "
+                              f"zoo.load(None, {str(path)!r})"])

@@ -36,9 +36,24 @@ def list_archs() -> list[str]:
     return sorted(_ARCHS)
 
 
-def list_models() -> list[str]:
-    """Names of the configs shipped in `configs/` (each builds with `zoo.build(name)`)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def list_models(arch: str | None = None) -> list[str]:
+    """Names of the configs shipped in `configs/` (each builds with `zoo.build(name)`); of `arch` only, if given."""
+    return sorted(n for n, a in config_index().items() if arch is None or a == arch)
+
+
+def config_index() -> dict[str, str]:
+    """Shipped config name -> its arch, each YAML read once (again only when its file changes)."""
+    index = {}
+    for path in CONFIG_DIR.glob("*.yaml"):
+        stamp = (path, path.stat().st_mtime_ns)
+        if stamp not in _INDEX:
+            fields = yaml.safe_load(path.read_text())
+            _INDEX[stamp] = fields.get("arch") if isinstance(fields, dict) else None
+        index[path.stem] = _INDEX[stamp]
+    return index
+
+
+_INDEX: dict[tuple[Path, int], str | None] = {}
 
 
 def _read_spec(spec: str | Path | dict) -> dict[str, Any]:
