@@ -86,3 +86,19 @@ def test_clip_bad_input_is_named():
         ours(torch.cat([ids, ids], dim=1))
     with pytest.raises(ValueError, match="skip=3"):
         ours(ids, skip=3)
+
+
+FULL = [("clip-l", 123_060_480), ("clip-h", 354_032_640), ("clip-g", 694_659_840)]  # transformers on meta
+
+
+@pytest.mark.parametrize(("name", "params"), FULL)
+def test_clip_full_size_meta_names_and_shapes_equal_transformers(name, params):
+    ours = zoo.build(name, device="meta")
+    cfg = zoo.get_config(name)
+    fields = {k: v for k, v in vars(cfg).items() if k != "with_projection"}
+    peer_cls = transformers.CLIPTextModelWithProjection if cfg.with_projection else transformers.CLIPTextModel
+    with torch.device("meta"):
+        peer = peer_cls(transformers.CLIPTextConfig(**fields))
+    want = {k: tuple(v.shape) for k, v in as_file_keys(peer.state_dict()).items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+    assert sum(p.numel() for p in ours.parameters()) == params

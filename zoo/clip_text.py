@@ -165,3 +165,8 @@ class CLIPText(nn.Module):
         if cfg.with_projection:
             pooled = self.text_projection(pooled)
         return hidden, pooled
+
+    def example_inputs(self, batch: int = 1, txt_len: int | None = None, device=None, **_) -> tuple[tuple, dict]:
+        """Random token ids (batch, txt_len = max_position_embeddings) for `zoo.trace` / `python -m zoo trace`."""
+        L = txt_len or self.config.max_position_embeddings
+        return (torch.randint(0, self.config.vocab_size, (batch, L), device=device),), {}
