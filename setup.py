@@ -18,6 +18,6 @@ setup(
         "gguf": ["gguf"],
         # parity peers and every optional extra, so the whole suite runs
         "test": ["pytest", "diffusers", "peft", "transformers", "accelerate",
-                 "tokenizers", "sentencepiece", "pillow", "gymnasium", "ale-py", "gguf"],
+                 "tokenizers", "sentencepiece", "protobuf", "pillow", "gymnasium", "ale-py", "gguf"],
     },
 )
