@@ -9,8 +9,7 @@
     model = zoo.load("flux-dev", "flux1-dev.safetensors")  # any supported layout, memory-mapped
 """
 # importing each family module registers its architecture(s) with the registry
-from zoo import autoencoder, controlnet, dc_ae, flux, hint_encoder, sana, t2i_adapter, unet  # noqa: F401
-from zoo import clip_text, t5  # noqa: F401  (text encoders)
+from zoo import autoencoder, clip_text, controlnet, dc_ae, flux, hint_encoder, sana, t2i_adapter, t5, unet  # noqa: F401
 from zoo.load import load
 from zoo.registry import build, get_config, list_archs, list_models, register
 from zoo.trace import example_inputs, trace
