@@ -1,5 +1,5 @@
-"""samplers: noise schedules, flow-matching Euler/Heun, DPM-Solver(++) multistep, DDIM, the LBM bridge sampler and
-classifier-free guidance.
+"""samplers: noise schedules, flow-matching Euler/Heun, DPM-Solver(++) and UniPC multistep, DDIM, the LBM bridge
+sampler and classifier-free guidance.
 
 A model is any function `model_fn(x, t)`; see `sample` for what t is under each schedule.
 """

@@ -10,8 +10,10 @@ import torch
 from torch import Tensor
 
 from .guidance import Guidance, ModelFn
+from .multistep import dpm_multistep
 from .schedules import BridgeSchedule, Schedule, log_snr
-from .solvers import Callback, Grid, bridge, ddim, dpm_multistep, euler, heun
+from .solvers import Callback, Denoiser, Grid, bridge, ddim, euler, heun
+from .unipc import unipc
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": euler,
@@ -23,9 +25,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm++3m": partial(dpm_multistep, order=3),
     "dpm-solver-2m": partial(dpm_multistep, order=2, data=False),
     "dpm-solver-3m": partial(dpm_multistep, order=3, data=False),
+    "unipc": partial(unipc, order=2, variant="bh1"),
+    "unipc-bh2": partial(unipc, order=2, variant="bh2"),
+    "unipc-3": partial(unipc, order=3, variant="bh1"),
+    "unipc-bh2-3": partial(unipc, order=3, variant="bh2"),
     "bridge": bridge,
 }
 DEFAULT_ETA = {"ddim": 0.0, "euler_a": 1.0}  # the samplers that take `eta`
+MULTISTEP = tuple(name for name in SAMPLERS if name.startswith(("dpm", "unipc")))  # take `lower_order_final`
 
 
 def sample(
@@ -40,6 +47,7 @@ def sample(
     callback: Callback = None,
     generator: torch.Generator | None = None,
     eta: float | None = None,
+    lower_order_final: float | None = None,
 ) -> Tensor:
     """Integrate from `noise` at the first grid time to the last and return the sample.
 
@@ -50,6 +58,8 @@ def sample(
     state at the first time (pure noise for the default grids; the source latent for `bridge`, which needs a
     BridgeSchedule and re-injects its bridge noise between steps, drawn from `generator`). `eta` sets the
     stochasticity of `ddim` (default 0) and `euler_a` (default 1); `generator` draws that noise.
+    `lower_order_final` (multistep samplers): on grids of fewer steps than this, the last steps drop to orders 1
+    and 2 (default 15 for `dpm*` as diffusers, always for `unipc*`; the official DPM-Solver uses 10, 0 never lowers).
     `callback(step, total, x)` runs after every step.
     """
     if sampler not in SAMPLERS:
@@ -62,17 +72,21 @@ def sample(
         raise ValueError(f"noise contains NaN or inf ({(~torch.isfinite(noise)).sum().item()} of {noise.numel()})")
     if eta is not None and sampler not in DEFAULT_ETA:
         raise ValueError(f"eta applies only to {', '.join(DEFAULT_ETA)}, not to {sampler!r}")
+    if lower_order_final is not None and sampler not in MULTISTEP:
+        raise ValueError(f"lower_order_final applies only to the multistep samplers {', '.join(MULTISTEP)}")
     grid = _make_grid(schedule, steps, timesteps)
     if guidance is not None:
         model_fn = guidance.wrap(model_fn)
-    options = {"callback": callback}
+    options: dict = {"callback": callback}
     if sampler == "bridge":
         if not isinstance(schedule, BridgeSchedule):
             raise ValueError(f"sampler 'bridge' needs a samplers.BridgeSchedule, got {type(schedule).__name__}")
         options.update(noise_std=[schedule.bridge_std(t) for t in grid.t], generator=generator)
     if sampler in DEFAULT_ETA:
         options.update(eta=DEFAULT_ETA[sampler] if eta is None else float(eta), generator=generator)
-    return SAMPLERS[sampler](_denoiser(model_fn, noise, schedule, grid), noise, grid, **options)
+    if lower_order_final is not None:
+        options.update(lower_order_final=lower_order_final)
+    return SAMPLERS[sampler](_denoiser(model_fn, noise, schedule), noise, grid, **options)
 
 
 def _make_grid(schedule: Schedule, steps: int | None, timesteps: Sequence[float] | Tensor | None) -> Grid:
@@ -113,17 +127,13 @@ def _make_grid(schedule: Schedule, steps: int | None, timesteps: Sequence[float]
     return Grid(ts, list(alpha), list(sigma), [log_snr(a, s) for a, s in zip(alpha, sigma)])
 
 
-def _denoiser(model_fn: ModelFn, x: Tensor, schedule: Schedule, grid: Grid) -> Callable[[Tensor, int], tuple]:
-    """denoise(x, i) -> (x0, eps) at grid node i, with t prepared once per node."""
-    t_vecs = [torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device) for t in grid.t[:-1]]
-    # The heun corrector may call the last node only when it has noise, so it is included then.
-    if grid.sigma[-1] > 0:
-        t_vecs.append(torch.full((x.shape[0],), grid.t[-1], dtype=x.dtype, device=x.device))
+def _denoiser(model_fn: ModelFn, x: Tensor, schedule: Schedule) -> Denoiser:
+    """denoise(x, t, alpha, sigma) -> (x0, eps): the model at time t, its output turned into both predictions."""
 
-    def denoise(x: Tensor, i: int) -> tuple[Tensor, Tensor]:
-        out = model_fn(x, t_vecs[i])
-        if out.shape != x.shape:
-            raise ValueError(f"model_fn returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}")
-        return schedule.to_x0_eps(out.to(x.dtype), x, grid.alpha[i], grid.sigma[i])
+    def denoise(x_t: Tensor, t: float, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
+        out = model_fn(x_t, torch.full((x_t.shape[0],), t, dtype=x_t.dtype, device=x_t.device))
+        if out.shape != x_t.shape:
+            raise ValueError(f"model_fn returned shape {tuple(out.shape)} for input shape {tuple(x_t.shape)}")
+        return schedule.to_x0_eps(out.to(x_t.dtype), x_t, alpha, sigma)
 
     return denoise

@@ -310,3 +310,15 @@ def test_model_output_of_the_wrong_shape_is_rejected():
 def test_schedule_of_the_wrong_type_is_rejected():
     with pytest.raises(TypeError, match="schedule must be a samplers.Schedule"):
         run(schedule="flow")
+
+
+def test_lower_order_final_is_an_argument_of_the_multistep_samplers():
+    sch = samplers.VPSchedule("scaled_linear", set_alpha_to_one=False)
+    model = GAUSS.model_fn(sch)
+    run_ = lambda **kw: samplers.sample(model, NOISE, sampler="dpm++3m", steps=12, schedule=sch, **kw)  # noqa: E731
+    default, official, never = run_(), run_(lower_order_final=10), run_(lower_order_final=0)
+    assert torch.equal(default, run_(lower_order_final=15))  # diffusers' rule: 12 < 15 lowers the last two steps
+    assert torch.equal(official, never)  # the official DPM-Solver's: 12 >= 10 keeps order 3 to the end
+    assert not torch.equal(default, never)
+    with pytest.raises(ValueError, match="lower_order_final applies only to the multistep samplers dpm"):
+        run(sampler="heun", lower_order_final=10)
