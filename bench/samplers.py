@@ -1,6 +1,7 @@
-"""Samplers: convergence order, model evaluations to a target error, and per-step overhead vs diffusers.
+"""Samplers: accuracy at 20 evaluations vs the official solvers, convergence order, evaluations to a target error,
+and per-step overhead vs diffusers.
 
-    python bench/samplers.py [--max-steps 2000 --repeats 7]
+    python bench/samplers.py [--max-steps 2000 --repeats 7] [--only-20]
 
 Accuracy uses exact models and exact ODE solutions (samplers.analytic): Gaussian data N(mu, 4 I) on the default
 grids and on a VP grid uniform in lambda, and a 1-D two-Gaussian mixture for the third-order solvers. Overhead
@@ -48,6 +49,75 @@ SETTINGS = [
     ("Gaussian, VP SD, uniform in lambda 999 -> 0", GAUSS, VP_T0, vp_lambda_grid),
     ("mixture, VP SD, uniform in lambda 999 -> 0, graded start", MIXTURE, VP_T0, lambda n: vp_lambda_grid(n, True)),
 ]
+
+
+class ScoreSDELinearVP(samplers.Schedule):
+    """ScoreSDE's continuous linear VP (beta from 0.1 to 20), t in [1e-3, 1]: DPM-Solver's `linear` schedule."""
+
+    predictions, prediction = ("eps",), "eps"
+    t_min, t_max, end_time = 1e-3, 1.0, 1e-3
+    beta_0, beta_1 = 0.1, 20.0
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        log_alpha = -0.25 * t * t * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        return math.exp(log_alpha), math.sqrt(-math.expm1(2 * log_alpha))
+
+    def grid(self, steps: int) -> list[float]:  # DPM-Solver's time_uniform
+        return [self.t_max + (self.t_min - self.t_max) * i / steps for i in range(steps)] + [self.t_min]
+
+    def time_from_lambda(self, lam: float) -> float:
+        q = 0.5 * math.log1p(math.exp(-2 * lam))  # -log alpha: solve (b1 - b0) t^2 / 4 + b0 t / 2 = q for t >= 0
+        return 2 * q / (0.5 * self.beta_0 + math.sqrt(0.25 * self.beta_0**2 + (self.beta_1 - self.beta_0) * q))
+
+
+def vp_time_grid(n: int) -> list[float]:
+    """DPM-Solver's `time_uniform` for a discrete model: t uniform in [1/1000, 1], timestep 1000 t - 1."""
+    return [round(1000 * (1 - (1 - 1e-3) * i / n) - 1, 9) for i in range(n + 1)]
+
+
+ACCURACY_SAMPLERS = ["dpm++2m", "dpm++3m", "dpm-solver-3m", "unipc", "unipc-bh2", "unipc-bh2-3", "unipc-3f"]
+
+
+def accuracy_settings() -> list[tuple[str, samplers.Schedule, list[float], float | None]]:
+    """(title, schedule, 20-step grid, the official solver's relative error from issue 17 or None)."""
+    rows = []
+    for shift, official in ((1.0, 0.016), (3.0, 0.044)):
+        sana = samplers.FlowSchedule(shift=shift, spacing="time_uniform_flow")
+        flow = samplers.FlowSchedule(shift=shift)
+        rows += [
+            (f"flow shift {shift:g}, Sana time_uniform_flow", sana, sana.grid(20), official),
+            (f"flow shift {shift:g}, uniform", flow, flow.grid(20), None),
+            (f"flow shift {shift:g}, logsnr_grid", flow, samplers.logsnr_grid(flow, 20), None),
+        ]
+    for betas in ("linear", "scaled_linear"):
+        vp = samplers.VPSchedule(betas, set_alpha_to_one=False)
+        rows += [
+            (f"VP discrete {betas}, time-uniform", vp, vp_time_grid(20), 0.035),
+            (f"VP discrete {betas}, logSNR", vp, samplers.logsnr_grid(vp, 20), 4.0e-3),
+        ]
+    sde = ScoreSDELinearVP()
+    rows += [
+        ("VP continuous linear, time-uniform", sde, sde.grid(20), 0.031),
+        ("VP continuous linear, logSNR", sde, samplers.logsnr_grid(sde, 20), 4.0e-3),
+    ]
+    return rows
+
+
+def accuracy_table() -> None:
+    """Relative error at 20 model evaluations, next to the official solvers' numbers (issue 17)."""
+    for name, problem in (("Gaussian N(mu, 4 I)", GAUSS), ("1-D two-Gaussian mixture", MIXTURE)):
+        print(f"\n### Relative error at 20 model evaluations, {name}; target <= 0.005\n")
+        print("| grid | official (issue 17) | " + " | ".join(ACCURACY_SAMPLERS) + " |")
+        print("|---" * (len(ACCURACY_SAMPLERS) + 2) + "|")
+        for title, schedule, ts, official in accuracy_settings():
+            cells = []
+            for sampler in ACCURACY_SAMPLERS:
+                err, nfe = run(problem, schedule, lambda n, ts=ts: ts, sampler, 20)
+                cells.append(f"{err:.1e}" + ("" if nfe == 20 else f" ({nfe} evals)"))
+            ref = f"{official:.1e}" if official is not None and problem is GAUSS else "-"
+            print(f"| {title} | {ref} | " + " | ".join(cells) + " |")
+    print("\nOfficial: Sana's flow DPM-Solver (order 2) and the official DPM-Solver++ 3M as measured in issue 17; its")
+    print("one logSNR number is shown on every logSNR row. Problems and noise: samplers.analytic.reference_problems().")
 
 
 def run(problem, schedule: samplers.Schedule, grid, sampler: str, steps: int) -> tuple[float, int]:
@@ -137,8 +207,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-steps", type=int, default=2000, help="search limit for the evaluations table")
     p.add_argument("--repeats", type=int, default=7, help="timing repeats (the median is reported)")
+    p.add_argument("--only-20", action="store_true", help="print the 20-evaluation accuracy table only")
     args = p.parse_args()
     torch.set_num_threads(1)  # the sampler's own work is small elementwise ops; threads only add noise
+    accuracy_table()
+    if args.only_20:
+        return
     order_table()
     nfe_table(args.max_steps)
     try:

@@ -6,6 +6,7 @@ A model is any function `model_fn(x, t)`; see `sample` for what t is under each 
 
 from __future__ import annotations
 
+from .grids import logsnr_grid
 from .guidance import Guidance
 from .sampling import SAMPLERS, sample
 from .schedules import BridgeSchedule, FlowSchedule, Schedule, VPSchedule, flux_mu, flux_schedule, shift_time
@@ -19,6 +20,7 @@ __all__ = [
     "VPSchedule",
     "flux_mu",
     "flux_schedule",
+    "logsnr_grid",
     "sample",
     "shift_time",
 ]

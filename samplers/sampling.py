@@ -29,6 +29,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "unipc-bh2": partial(unipc, order=2, variant="bh2"),
     "unipc-3": partial(unipc, order=3, variant="bh1"),
     "unipc-bh2-3": partial(unipc, order=3, variant="bh2"),
+    "unipc-3f": partial(unipc, order=3, variant="bh2", final_order=3),  # ours: + a 3rd-order step to sigma = 0
     "bridge": bridge,
 }
 DEFAULT_ETA = {"ddim": 0.0, "euler_a": 1.0}  # the samplers that take `eta`

@@ -54,6 +54,10 @@ class Schedule:
         """The default decreasing grid of steps + 1 times, ending at `end_time`."""
         raise NotImplementedError
 
+    def time_from_lambda(self, lam: float) -> float:
+        """The time whose half log-SNR is `lam`: the inverse of `lambda_t`."""
+        raise NotImplementedError
+
     def to_x0_eps(self, out: Tensor, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """Turn a model output at (alpha, sigma) into the predicted clean data x0 and noise eps."""
         # torch.add(a, b, alpha=c) = a + c b in one pass: these run on full latents at every step.
@@ -132,6 +136,9 @@ class FlowSchedule(Schedule):
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
         return 1.0 - t, t
+
+    def time_from_lambda(self, lam: float) -> float:
+        return 1.0 / (1.0 + math.exp(min(lam, 700.0)))  # lambda = log((1 - t) / t)
 
     def grid(self, steps: int) -> list[float]:
         top = 1.0 if self.spacing == "uniform" else 1.0 - 1.0 / self.num_train_timesteps
@@ -218,6 +225,9 @@ class VPSchedule(Schedule):
         lv = (1 - w) * self._log_ve[i] + w * self._log_ve[i + 1]
         # alpha = 1 / sqrt(1 + e^{2 lv}), sigma = 1 / sqrt(1 + e^{-2 lv}): finite even when lv = inf.
         return 1.0 / math.sqrt(1.0 + math.exp(min(2 * lv, 700.0))), 1.0 / math.sqrt(1.0 + math.exp(-2 * lv))
+
+    def time_from_lambda(self, lam: float) -> float:
+        return self.time_from_ve_sigma(math.exp(-lam))
 
     def time_from_ve_sigma(self, ve_sigma: float) -> float:
         """The (fractional) timestep whose sigma/alpha is `ve_sigma`: the inverse of the interpolation above."""
