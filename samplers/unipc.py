@@ -56,8 +56,8 @@ def unipc(
         preds, eps_hist = [m, *preds[: order - 1]], [eps, *eps_hist[: final_order - 1]]
         k = min(step_order(i, n, order, lower_order_final, final_zero=g.sigma[n] == 0), max(1, i + 1 - skip))
         x_start = x
-        if i == n - 1 and g.sigma[n] == 0 and final_order > 1:
-            x = final_rho_step(x, eps_hist[: max(1, i + 1 - skip)], g, i)
+        if i == n - 1 and g.sigma[n] == 0 and final_order > 1 and i - skip >= 1:  # two usable nodes at least
+            x = final_rho_step(x, eps_hist[: i + 1 - skip], g, i)
         else:
             x = unipc_step(x, preds[:k], g, i, variant, data)
         if callback is not None:

@@ -92,3 +92,14 @@ def test_logsnr_grid_is_uniform_in_lambda_between_the_infinite_ends():
         samplers.logsnr_grid(flow, 10, lam_min=2.0, lam_max=-2.0)
     with pytest.raises(ValueError, match="no uniform part"):
         samplers.logsnr_grid(flow, 1)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_unipc_3f_on_few_steps_from_pure_noise(steps):
+    # A node at t = 1 (alpha = 0, rho = inf) is never an interpolation point; one step is the x0 prediction.
+    flow = samplers.FlowSchedule()
+    model = GAUSS.model_fn(flow)
+    out = samplers.sample(model, NOISE, sampler="unipc-3f", steps=steps, schedule=flow)
+    assert torch.isfinite(out).all()
+    if steps == 1:
+        torch.testing.assert_close(out, samplers.sample(model, NOISE, sampler="euler", steps=1, schedule=flow))
