@@ -5,33 +5,21 @@ diffusers and back). Modules are imported on first use, so a family whose key ma
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from checkpoints_convert.detect import DetectError, Detection, detect, detect_all
 from checkpoints_convert.errors import CheckpointError
-from checkpoints_convert.families import FAMILIES
+from checkpoints_convert.families import FAMILIES, key_map
 from checkpoints_convert.io import Checkpoint
 
 # family -> (module, official -> diffusers, diffusers -> official)
 KEY_MAPS: dict[str, tuple[str, str, str]] = {f.name: f.keymap for f in FAMILIES.values() if f.keymap}
 LAYOUTS = ("official", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
-
-
-def key_map(family: str, to: str) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-    """The function converting `family`'s state dicts into layout `to`."""
-    if family not in KEY_MAPS:
-        raise CheckpointError(f"no official <-> diffusers key map for family {family!r} yet; "
-                              f"available: {sorted(KEY_MAPS)}")
-    module, to_d, from_d = KEY_MAPS[family]
-    try:
-        return getattr(importlib.import_module(module), to_d if to == "diffusers" else from_d)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"key map for {family!r} ({module}) is not available: {e}") from None
 
 
 def select(sd: Mapping[str, Tensor], family: str | None = None,
@@ -62,9 +50,10 @@ def convert(sd: Mapping[str, Tensor], to: str, family: str | None = None, *,
     out = sub if det.layout == to else key_map(det.family, to)(sub)
     if dtype is not None:
         out = cast(out, dtype)
-    return Checkpoint(out, paths=getattr(sd, "paths", ()),
-                      metadata={"zoo_family": det.family, "zoo_layout": to, **({"zoo_config": det.config}
-                                                                                if det.config else {})})
+    meta = {"zoo_family": det.family, "zoo_layout": to, **({"zoo_config": det.config} if det.config else {})}
+    if det.hints:  # what no shape tells, read from config.json: kept in the file so a later load knows it too
+        meta["zoo_fields"] = json.dumps(det.hints)
+    return Checkpoint(out, paths=getattr(sd, "paths", ()), metadata=meta)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -10,11 +10,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from checkpoints_convert.errors import DetectError
-from checkpoints_convert.families import arch_of
-from checkpoints_convert.flux import flux_widths
+from checkpoints_convert.families import arch_of, key_map
+from checkpoints_convert.fields import hints_from, read_fields
 from checkpoints_convert.keymap import WRAPPER_PREFIXES
 
 PREFIXES = WRAPPER_PREFIXES
@@ -33,12 +34,15 @@ class Detection:
     fields: dict | None = None  # official config fields read off the shapes, where they all can be
     components: dict[str, str] = field(default_factory=dict)  # other models in the file: prefix -> family
     note: str = ""
+    assumed: dict = field(default_factory=dict)  # fields no shape tells, set to the released value: name -> value
+    hints: dict = field(default_factory=dict)  # fields no shape tells, read from config.json / our metadata
 
     def __str__(self) -> str:
         s = f"{self.family} ({self.layout}{f', prefixed {self.prefix!r}' if self.prefix else ''})"
         s += f", config {self.config}" if self.config else ", not a released size"
         if self.components:
             s += "; also holds " + ", ".join(f"{f} under {p!r}" for p, f in self.components.items())
+        s += f"; assumed {self.assumed} (no shape tells them)" if self.assumed and not self.config else ""
         return s + (f"; {self.note}" if self.note else "")
 
     @property
@@ -170,27 +174,23 @@ def _matches(sd: Mapping[str, Tensor]) -> list[tuple[str, Signature]]:
     return found
 
 
-def flux_fields(sd: Mapping[str, Tensor], layout: str = "official", prefix: str = "") -> dict | None:
-    """Official `FluxParams` read off the shapes; None where one cannot be (axes_dim is no tensor's shape)."""
-    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
-    s, o = shapes.get, layout == "official"
-    w = flux_widths(shapes)
-    if w is None or w["head_dim"] is None or w["mlp_hidden"] is None or w["hidden"] % w["head_dim"]:
-        return None
-    if w["head_dim"] != 128:
-        return None  # only the released head width fixes the RoPE axes split (16, 56, 56)
-    blocks = "double_blocks" if o else "transformer_blocks"
-    qkv_bias = s(f"{blocks}.0.img_attn.qkv.bias" if o else f"{blocks}.0.attn.to_q.bias") is not None
-    guidance = s("guidance_in.in_layer.weight" if o else "time_text_embed.guidance_embedder.linear_1.weight")
-    return dict(
-        arch="flux", in_channels=s("img_in.weight" if o else "x_embedder.weight")[1],
-        out_channels=s("final_layer.linear.weight" if o else "proj_out.weight")[0],
-        vec_in_dim=s("vector_in.in_layer.weight" if o else "time_text_embed.text_embedder.linear_1.weight")[1],
-        context_in_dim=s("txt_in.weight" if o else "context_embedder.weight")[1], hidden_size=w["hidden"],
-        mlp_ratio=w["mlp_hidden"] / w["hidden"], num_heads=w["hidden"] // w["head_dim"], depth=w["depth"],
-        depth_single_blocks=w["depth_single"], axes_dim=[16, 56, 56], theta=10000,
-        qkv_bias=qkv_bias or w["depth"] == 0, guidance_embed=guidance is not None,
-    )
+def official_shapes(sd: Mapping[str, Tensor], family: str, layout: str, prefix: str = "",
+                    skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Key -> shape of the model under `prefix` in the official layout (a diffusers layout mapped on `meta`)."""
+    sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not (skip and k.startswith(skip))}
+    if layout != "official":
+        metas = {k: torch.empty(tuple(v.shape), device="meta") for k, v in sub.items()}
+        sub = key_map(family, "official")(metas)
+    return {k: tuple(v.shape) for k, v in sub.items()}
+
+
+def _fields(sd: Mapping[str, Tensor], sig: Signature, prefix: str, skip: tuple[str, ...]) -> tuple:
+    hints = hints_from(sig.family, getattr(sd, "config", None), getattr(sd, "metadata", None))
+    try:
+        shapes = official_shapes(sd, sig.family, sig.layout, prefix, skip)
+    except (ValueError, KeyError, IndexError):
+        return None, {}, hints
+    return (*read_fields(sig.family, shapes, hints), hints)
 
 
 def _detect_lora(sd: Mapping[str, Tensor]) -> Detection:
@@ -223,10 +223,11 @@ def detect(sd: Mapping[str, Tensor]) -> Detection:
     found.sort(key=lambda m: m[1].family not in MAIN_FAMILIES)  # stable: keeps the signature priority otherwise
     prefix, sig = found[0]
     others = {p: s.family for p, s in found[1:]}
-    fields = flux_fields(sd, sig.layout, prefix) if sig.family == "flux" else None
-    return Detection(sig.family, sig.layout, sig.name(_shape_fn(sd, prefix)), prefix, fields, others,
-                     note="the SDXL VAE has the same shapes (it differs in scale_factor)" if
-                     sig.name(_shape_fn(sd, prefix)) == "vae-sd" else "")
+    fields, assumed, hints = _fields(sd, sig, prefix, tuple(others) if not prefix else ())
+    name = sig.name(_shape_fn(sd, prefix))
+    return Detection(sig.family, sig.layout, name, prefix, fields, others,
+                     note="the SDXL VAE has the same shapes (it differs in scale_factor)" if name == "vae-sd" else "",
+                     assumed=assumed, hints={k: v for k, v in hints.items() if fields and k in fields})
 
 
 def detect_all(sd: Mapping[str, Tensor]) -> list[Detection]:

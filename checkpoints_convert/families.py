@@ -2,7 +2,11 @@
 builds it, and the module holding its official <-> diffusers key maps (imported on first use)."""
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from checkpoints_convert.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,16 @@ def arch_of(family: str) -> str | None:
 def family_of(arch: str) -> str | None:
     """The family name of a zoo architecture (None for an arch with no detection signature)."""
     return FAMILY_OF_ARCH.get(arch)
+
+
+def key_map(family: str, to: str) -> Callable:
+    """The function converting `family`'s state dicts into layout `to` ('official' or 'diffusers')."""
+    f = FAMILIES.get(family)
+    if f is None or f.keymap is None:
+        raise CheckpointError(f"no official <-> diffusers key map for family {family!r} yet; "
+                              f"available: {sorted(n for n, f in FAMILIES.items() if f.keymap)}")
+    module, to_d, from_d = f.keymap
+    try:
+        return getattr(importlib.import_module(module), to_d if to == "diffusers" else from_d)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"key map for {family!r} ({module}) is not available: {e}") from None

@@ -11,6 +11,7 @@ import ctypes.util
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import tempfile
@@ -45,6 +46,8 @@ class Checkpoint(dict):
 
     paths: tuple[Path, ...] = ()
     metadata: dict[str, str]
+    config: dict  # the diffusers/transformers `config.json` beside the weights ({} if none)
+    shard: tuple[int, int, Path | None] | None  # a lone shard (k of n, the index beside it) read as one file
     maps: list[tuple[int, int]]  # (address, bytes) of the private file mappings the tensors view
 
     def __init__(self, *args, paths=(), metadata=None, **kwargs):
@@ -52,6 +55,7 @@ class Checkpoint(dict):
         self.paths = tuple(Path(p).resolve() for p in paths)
         self.metadata = dict(metadata or {})
         self.maps = []
+        self.config, self.shard = {}, None
 
     def release(self, t: Tensor | None = None) -> None:
         """Drop the resident file pages under `t` (or under every mapping) from this process's memory.
@@ -248,7 +252,28 @@ def load_file(path: str | Path, *, ema: bool = False) -> Checkpoint:
         if clash:
             raise CheckpointError(f"{f}: key(s) {sorted(clash)[:5]} appear in more than one shard")
         out.update(part)
+    out.config = _config_beside(files[0]) if files else {}
+    out.shard = _lone_shard(path) if len(files) == 1 and not path.is_dir() else None
     return out
+
+
+def _config_beside(weights: Path) -> dict:
+    """The `config.json` in the folder of a weight file (a diffusers model folder), else {}."""
+    path = weights.parent / "config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _lone_shard(path: Path) -> tuple[int, int, Path | None] | None:
+    """(k, n, index file or None) for a file named like `...-0000k-of-0000n.safetensors`."""
+    m = re.search(r"-(\d+)-of-(\d+)\.", path.name)
+    if not m or int(m.group(2)) < 2:
+        return None
+    index = next(iter(sorted(path.parent.glob("*.index.json"))), None)
+    return int(m.group(1)), int(m.group(2)), index
 
 
 def _bytes_of(t: Tensor):

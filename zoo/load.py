@@ -9,6 +9,7 @@ fp32 on a CPU without bf16 units.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,36 @@ def which_config(sd: Mapping[str, Tensor], det: Detection | None = None) -> tupl
     names += [n for n in list_models(det.arch) if n not in names]
     for name in names:
         model = build(name, device="meta")
-        if {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in remade} == shapes:
+        if {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in remade} == shapes and \
+                _agrees(get_config(name), det):
             config = get_config(name)
             return name, config, model, _to_official(det, sub, config) if remade else official
     if det.fields:
         config = get_config(det.fields)
-        return None, config, build(config, device="meta"), _to_official(det, sub, config) if remade else official
+        model = build(config, device="meta")
+        built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in remade}
+        if built != shapes:
+            wrong = sorted(k for k in built.keys() | shapes.keys() if built.get(k) != shapes.get(k))
+            raise DetectError(f"this checkpoint holds {det}; the config read off its shapes ({det.fields}) builds a "
+                              f"model whose keys/shapes differ at {wrong[:8]}; pass its config to zoo.load")
+        return None, config, model, _to_official(det, sub, config) if remade else official
     raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
                       f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
+
+
+def _agrees(config: Any, det: Detection) -> bool:
+    """Whether a shipped config has the values config.json / our metadata give for what no shape tells."""
+    if not det.hints:
+        return True
+    hinted = get_config(det.fields)
+    for k in det.hints:
+        if k in ("num_heads", "num_head_channels") and hasattr(config, "heads"):  # the same heads, either way
+            widths = [config.model_channels * m for m in config.channel_mult]
+            if [config.heads(w) for w in widths] != [hinted.heads(w) for w in widths]:
+                return False
+        elif getattr(config, k, None) != getattr(hinted, k, None):
+            return False
+    return True
 
 
 def _official(sd: Mapping[str, Tensor], arch: str, config: Any = None) -> Mapping[str, Tensor]:
@@ -95,8 +118,20 @@ def _official(sd: Mapping[str, Tensor], arch: str, config: Any = None) -> Mappin
     try:
         det, sub = select(sd, family)
     except DetectError:
-        return sd  # not recognisable (e.g. a pruned file): compare keys as they are, the report says what is off
+        try:
+            held = detect(sd)
+        except DetectError:
+            return sd  # not recognisable (e.g. a pruned file): compare keys as they are, the report says what is off
+        raise LoadError(f"this file holds {_family_name(held)} ({held.layout} layout), not {family}: load it with "
+                        f"zoo.load(None, FILE) or a {held.family} config") from None
     return _to_official(det, sub, config)
+
+
+def _family_name(det: Detection) -> str:
+    names = {"unet": "a UNet", "flux": "a Flux transformer", "sana": "a Sana transformer", "lora": "a LoRA",
+             "controlnet": "a ControlNet", "t2i_adapter": "a T2I-Adapter", "autoencoder": "an AutoencoderKL",
+             "dc_ae": "a DC-AE autoencoder"}
+    return names.get(det.family, det.family)
 
 
 def _to_official(det: Detection, sub: Mapping[str, Tensor], config: Any = None) -> Mapping[str, Tensor]:
@@ -149,11 +184,21 @@ def load(
     The model comes back in eval mode; `strict=False` returns `(model, report)`, zero-filling what is missing.
     """
     sd = source if isinstance(source, Mapping) else load_file(source, ema=ema)
+    shard = getattr(sd, "shard", None)
+    if shard is not None:
+        k, n, index = shard
+        raise LoadError(f"{source} is shard {k} of {n} of a sharded checkpoint: load "
+                        + (f"its index file {index} (or its folder)" if index else "the *.index.json of the set "
+                           "(or its folder)"))
     opened = sd if not isinstance(source, Mapping) else None  # a file we mapped ourselves: its pages may be dropped
     dtype = parse_dtype(dtype) if dtype is not None else None
     compute_dtype = parse_dtype(compute_dtype) if compute_dtype is not None else None
     if spec is None:
-        _, config, model, sd = which_config(sd)
+        det = detect(sd)
+        name, config, model, sd = which_config(sd, det)
+        if name is None and det.assumed:
+            warnings.warn(f"zoo.load: {', '.join(f'{k}={v}' for k, v in det.assumed.items())} assumed (the released "
+                          "value; no shape tells it): pass a config if the file differs", stacklevel=2)
     else:
         config = get_config(spec)
         model = build(config, device="meta")

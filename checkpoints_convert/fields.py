@@ -1,0 +1,232 @@
+"""Official config fields read off an official-layout state dict's keys and shapes, for every family.
+
+What no shape tells (Flux's RoPE axes and theta, a UNet's head count vs head width, Sana's attention heads, a VAE's
+latent scale) comes from `hints` (a diffusers `config.json` beside the file, translated here, or the `zoo_fields`
+safetensors metadata `convert` writes); otherwise the released value is used and listed in `assumed`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from checkpoints_convert.families import arch_of
+from checkpoints_convert.flux import flux_widths
+from checkpoints_convert.keymap import block_count
+from checkpoints_convert.unet import official_structure
+
+Shapes = Mapping[str, tuple]
+
+
+class _Fields:
+    """Collects fields; `unknown(name, hint_value, released)` takes the hint or records the assumption."""
+
+    def __init__(self, arch: str, hints: Mapping[str, Any]):
+        self.fields: dict[str, Any] = {"arch": arch}
+        self.assumed: dict[str, Any] = {}
+        self.hints = hints
+
+    def unknown(self, name: str, released: Any) -> Any:
+        if name in self.hints:
+            self.fields[name] = self.hints[name]
+        else:
+            self.fields[name] = self.assumed[name] = released
+        return self.fields[name]
+
+
+def _split_axes(head_dim: int) -> list[int]:
+    """Flux's (16, 56, 56) split of a 128-wide head, scaled to `head_dim` with even parts."""
+    first = max(2, 2 * round(head_dim / 16))
+    second = 2 * ((head_dim - first) // 4)
+    return [first, second, head_dim - first - second]
+
+
+def flux_fields(s: Shapes, f: _Fields) -> None:
+    w = flux_widths(s)
+    if w is None or w["mlp_hidden"] is None:
+        raise ValueError("no Flux widths in this state dict")
+    hidden, head_dim = w["hidden"], w["head_dim"]
+    if head_dim is None or hidden % head_dim:
+        head_dim = f.hints.get("head_dim") or 128
+    f.fields.update(
+        in_channels=s["img_in.weight"][1], out_channels=s["final_layer.linear.weight"][0],
+        vec_in_dim=s["vector_in.in_layer.weight"][1], context_in_dim=s["txt_in.weight"][1], hidden_size=hidden,
+        mlp_ratio=w["mlp_hidden"] / hidden, num_heads=hidden // head_dim, depth=w["depth"],
+        depth_single_blocks=w["depth_single"],
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in s or w["depth"] == 0,
+        guidance_embed="guidance_in.in_layer.weight" in s)
+    f.unknown("axes_dim", [16, 56, 56] if head_dim == 128 else _split_axes(head_dim))
+    f.unknown("theta", 10000)
+
+
+def _level_blocks(s: Shapes) -> list[list[int]]:
+    """Input-block indices of the res blocks of each level (official `input_blocks.N`)."""
+    levels, n = [[]], 1
+    while f"input_blocks.{n}.0.op.weight" in s or f"input_blocks.{n}.0.in_layers.2.weight" in s:
+        if f"input_blocks.{n}.0.op.weight" in s:
+            levels.append([])
+        else:
+            levels[-1].append(n)
+        n += 1
+    return levels
+
+
+def _heads(widths: list[int], f: _Fields, ctx: int | None, proj_conv: bool) -> None:
+    """num_heads or num_head_channels: a hint, else the releases' (SD1: 8 heads; SD2/SDXL: 64-wide heads)."""
+    if "num_heads" in f.hints or "num_head_channels" in f.hints:
+        f.fields["num_heads"] = f.hints.get("num_heads", -1)
+        f.fields["num_head_channels"] = f.hints.get("num_head_channels", -1)
+    elif ctx == 768 and proj_conv or any(w % 64 for w in widths):
+        f.fields["num_heads"] = f.assumed["num_heads"] = 8 if all(w % 8 == 0 for w in widths) else 1
+    else:
+        f.fields["num_head_channels"] = f.assumed["num_head_channels"] = 64
+
+
+def _encoder_fields(s: Shapes, f: _Fields) -> None:
+    """The UNet encoder's fields (UNet and ControlNet alike)."""
+    keys = set(s)
+    st = official_structure(keys)
+    ch = s["input_blocks.0.0.weight"][0]
+    levels = _level_blocks(s)
+    if len(levels) != len(st.down):
+        raise ValueError(f"UNet levels disagree: {len(levels)} by blocks, {len(st.down)} by structure")
+    widths = [s[f"input_blocks.{lv[0]}.0.out_layers.3.weight"][0] if lv else ch for lv in levels]
+    depths = [max(lv.attn, default=0) for lv in st.down]
+    nres = [len(lv.attn) for lv in st.down]
+    tk = next((k for k in sorted(keys) if k.endswith("attn2.to_k.weight")), None)
+    proj = next((s[k] for k in sorted(keys) if k.endswith(".proj_in.weight")), None)
+    f.fields.update(
+        in_channels=s["input_blocks.0.0.weight"][1], model_channels=ch, channel_mult=[w // ch for w in widths],
+        num_res_blocks=nres[0] if len(set(nres)) == 1 else nres,
+        attention_resolutions=[2 ** i for i, d in enumerate(depths) if d],
+        transformer_depth=[d or 1 for d in depths], context_dim=s[tk][1] if tk else None,
+        use_linear_in_transformer=proj is not None and len(proj) == 2,
+        use_scale_shift_norm=s[f"input_blocks.{levels[0][0]}.0.emb_layers.1.weight"][0] == 2 * widths[0]
+        if levels[0] else False)
+    if st.mid_depth:
+        f.fields["transformer_depth_middle"] = st.mid_depth
+    else:
+        f.fields["disable_middle_transformer"] = True
+    if "label_emb.weight" in s:
+        f.fields["num_classes"] = s["label_emb.weight"][0]
+    elif "label_emb.0.0.weight" in s:
+        f.fields.update(num_classes="sequential", adm_in_channels=s["label_emb.0.0.weight"][1])
+    _heads([w for w, d in zip(widths, depths) if d] + ([widths[-1]] if st.mid_depth else []), f,
+           f.fields["context_dim"], proj is not None and len(proj) == 4)
+
+
+def unet_fields(s: Shapes, f: _Fields) -> None:
+    _encoder_fields(s, f)
+    f.fields["out_channels"] = s["out.2.weight"][0]
+
+
+def controlnet_fields(s: Shapes, f: _Fields) -> None:
+    _encoder_fields(s, f)
+    f.fields["hint_channels"] = s["input_hint_block.0.weight"][1]
+
+
+def t2i_adapter_fields(s: Shapes, f: _Fields) -> None:
+    blocks = block_count(s, "body")
+    downs = [i for i in range(1, blocks) if f"body.{i}.down_opt.op.weight" in s] or \
+        [i for i in range(1, blocks) if f"body.{i}.in_conv.weight" in s or f"body.{i}.skep.weight" in s]
+    nums_rb = downs[0] if downs else blocks
+    f.fields.update(channels=[s[f"body.{i}.block1.weight"][0] for i in range(0, blocks, nums_rb)], nums_rb=nums_rb,
+                    cin=s["conv_in.weight"][1], ksize=s["body.0.block2.weight"][-1],
+                    sk="body.0.skep.weight" not in s, use_conv=any(f"body.{i}.down_opt.op.weight" in s
+                                                                    for i in range(blocks)))
+
+
+def sana_fields(s: Shapes, f: _Fields) -> None:
+    hidden, cin, p, _ = s["x_embedder.proj.weight"]
+    out = s["final_layer.linear.weight"][0] // (p * p)
+    f.fields.update(
+        patch_size=p, in_channels=cin, hidden_size=hidden, depth=block_count(s, "blocks"),
+        mlp_ratio=s["blocks.0.mlp.inverted_conv.conv.weight"][0] / 2 / hidden, pred_sigma=out == 2 * cin,
+        caption_channels=s["y_embedder.y_proj.fc1.weight"][1], qk_norm="blocks.0.attn.q_norm.weight" in s,
+        cross_norm="blocks.0.cross_attn.q_norm.weight" in s, y_norm="attention_y_norm.weight" in s,
+        attn_type="linear", ffn_type="glumbconv", use_pe=False, multi_scale=True, mlp_acts=["silu", "silu", None],
+        y_norm_scale_factor=0.01)
+    if "y_embedder.y_embedding" in s:
+        f.fields["model_max_length"] = s["y_embedder.y_embedding"][0]
+    if "pos_embed" in s:
+        f.fields["input_size"] = round(s["pos_embed"][1] ** 0.5) * p
+    heads = next((hidden // d for d in (72, 112, 64, 32, 16, 8) if hidden % d == 0), 1)  # released: 72 and 112
+    f.unknown("num_heads", heads)
+    f.unknown("linear_head_dim", 32 if hidden % 32 == 0 else hidden // heads)
+    if "input_size" not in f.fields:
+        f.unknown("input_size", 32)
+
+
+def autoencoder_fields(s: Shapes, f: _Fields) -> None:
+    ch = s["encoder.conv_in.weight"][0]
+    levels = block_count(s, "encoder.down")
+    z = s["encoder.conv_out.weight"][0] // 2
+    ldm = "quant_conv.weight" in s
+    f.fields.update(
+        layout="ldm" if ldm else "bfl", in_channels=s["encoder.conv_in.weight"][1], ch=ch,
+        out_ch=s["decoder.conv_out.weight"][0], ch_mult=[s[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch
+                                                         for i in range(levels)],
+        num_res_blocks=block_count(s, "encoder.down.0.block"), z_channels=z)
+    if ldm:
+        f.fields["embed_dim"] = s["quant_conv.weight"][0] // 2
+    released = {(True, 4): (0.18215, 0.0), (False, 16): (0.3611, 0.1159)}.get((ldm, z), (1.0, 0.0))
+    f.unknown("scale_factor", released[0])
+    f.unknown("shift_factor", released[1])
+
+
+READERS: dict[str, Callable[[Shapes, _Fields], None]] = {
+    "flux": flux_fields, "unet": unet_fields, "controlnet": controlnet_fields, "t2i_adapter": t2i_adapter_fields,
+    "sana": sana_fields, "autoencoder": autoencoder_fields,
+}
+
+
+def _unet_heads_hint(cfg: Mapping[str, Any], widths: list[int]) -> dict[str, int]:
+    """diffusers' `attention_head_dim` (really the head count, per level) -> num_heads or num_head_channels."""
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim")
+    if heads is None or not widths:
+        return {}
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+    if len(set(heads)) == 1:
+        return {"num_heads": heads[0]}
+    dims = {w // h for w, h in zip(widths, heads)}
+    return {"num_head_channels": dims.pop()} if len(dims) == 1 else {}
+
+
+def hints_from(family: str, config: Mapping[str, Any] | None, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """Official field values no shape tells, from a diffusers `config.json` and our `zoo_fields` metadata."""
+    out: dict[str, Any] = {}
+    cfg = config or {}
+    if family == "flux" and cfg:
+        out.update({k: v for k, v in (("axes_dim", cfg.get("axes_dims_rope")),
+                                      ("head_dim", cfg.get("attention_head_dim"))) if v is not None})
+        if "axes_dim" in out:
+            out["axes_dim"] = list(out["axes_dim"])
+            out.setdefault("theta", 10000)  # diffusers' Flux has no theta argument: always the released 10000
+    elif family in ("unet", "controlnet") and cfg:
+        out.update(_unet_heads_hint(cfg, list(cfg.get("block_out_channels") or [])))
+    elif family == "sana" and cfg:
+        out.update({k: cfg[d] for k, d in (("num_heads", "num_cross_attention_heads"),
+                                           ("linear_head_dim", "attention_head_dim"), ("input_size", "sample_size"))
+                    if cfg.get(d) is not None})
+    elif family == "autoencoder" and cfg:
+        out.update({"scale_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor") or 0.0})
+    if metadata and "zoo_fields" in metadata:
+        try:
+            out.update(json.loads(metadata["zoo_fields"]))
+        except ValueError:
+            pass  # not ours: ignore
+    return out
+
+
+def read_fields(family: str, shapes: Shapes, hints: Mapping[str, Any] | None = None
+                ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(official config fields with `arch`, the ones assumed) of an official-layout model; (None, {}) if unread."""
+    reader = READERS.get(family)
+    if reader is None:
+        return None, {}
+    f = _Fields(arch_of(family), hints or {})
+    try:
+        reader(shapes, f)
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError):
+        return None, {}  # a pruned or unusual file: zoo.load then asks for a config
+    return f.fields, f.assumed
