@@ -6,27 +6,30 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from checkpoints_convert.convert import DTYPES, LAYOUTS, cast_tensor, convert
 from checkpoints_convert.io import CheckpointError, load_file, save_file
-from checkpoints_convert.summary import gb as _gb
+from checkpoints_convert.summary import gb, summarize
 from checkpoints_convert.summary import nbytes as _nbytes
-from checkpoints_convert.summary import summarize
 
 
 class _Bar:
-    """A one-line progress bar on stderr, redrawn only when the whole percentage changes."""
+    """Bytes written: a tqdm bar on a terminal; in a redirected log one line at the end (no `\\r` frames)."""
 
-    def __init__(self, width: int = 30):
-        self.width, self.last = width, -1
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=0, unit="B", unit_scale=True, ascii=True, file=sys.stderr, leave=True,
+                        bar_format="[{bar:30}] {percentage:3.0f}% {n_fmt}B / {total_fmt}B") if self.tty else None
 
     def __call__(self, done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        if pct == self.last:
-            return
-        self.last, fill = pct, self.width * pct // 100
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {pct:3d}% {_gb(done)} / {_gb(total)}")
-        sys.stderr.write("\n" if done >= total else "")
-        sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+        elif done >= total:
+            sys.stderr.write(f"[{'#' * 30}] 100% {gb(done)} / {gb(total)}\n")
 
 
 def run_convert(args: argparse.Namespace) -> str:
@@ -47,7 +50,7 @@ def run_convert(args: argparse.Namespace) -> str:
     save_file(out, dst, meta, source=args.src, progress=None if args.quiet else _Bar(),
               transform=cast if args.dtype else None)
     return (f"{len(out)} tensors ({meta['zoo_family']} -> {args.to}{', ' + args.dtype if args.dtype else ''}): "
-            f"{_gb(_nbytes(sd))} in, {_gb(dst.stat().st_size)} out, {time.perf_counter() - start:.1f} s -> {dst}")
+            f"{gb(_nbytes(sd))} in, {gb(dst.stat().st_size)} out, {time.perf_counter() - start:.1f} s -> {dst}")
 
 
 def main(argv: list[str] | None = None) -> int:

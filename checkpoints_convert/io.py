@@ -15,6 +15,7 @@ import re
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -146,30 +147,44 @@ def _load_safetensors(path: Path) -> Checkpoint:
 def _load_pickle(path: Path) -> dict:
     """`torch.load(weights_only=True)` only: a pickle that needs arbitrary code is refused, never executed."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: our message says it all
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # torch's refusal names the global it would have to import
+        plain = str(e).startswith("Weights only load failed") and _starts_like_a_pickle(path)
+        if "GLOBAL" not in str(e) and not plain:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from None
         raise CheckpointError(
-            f"{path}: refused: this pickle needs code beyond plain tensors and containers to load, and unpickling it "
-            f"could run arbitrary code ({_unsafe_reason(e)}). If you trust its source, convert it once "
-            "in a sandbox with torch.load(weights_only=False) and save the state dict as .safetensors"
+            f"{path}: this pickle would run code; refused: unpickling it could run arbitrary code "
+            f"({_unsafe_reason(e)}); only plain tensors and containers are read from pickles. If you trust its "
+            "source, convert it once in a sandbox with torch.load(weights_only=False) and save the state dict as "
+            ".safetensors"
         ) from None
     except (EOFError, RuntimeError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return obj
 
 
+def _starts_like_a_pickle(path: Path) -> bool:
+    """A pickle of protocol 2 or later opens with the PROTO instruction (0x80, protocol number)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _unsafe_reason(e: Exception) -> str:
-    """The line of torch's refusal that names the offending global, else its first line."""
+    """The line of torch's refusal that names the offending global or instruction."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     line = next((ln for ln in lines if "GLOBAL" in ln), "")
-    return line[line.index("GLOBAL"):].split(" was ")[0]
+    if line:
+        return "it imports " + line[line.index("GLOBAL"):].split(" was ")[0]
+    op = next((ln for ln in lines if ln.startswith("Unsupported")), "")
+    return f"it uses pickle instructions beyond plain data: {op}" if op else "it needs more than plain data"
 
 
 def _unwrap(obj, path: Path, ema: bool) -> dict[str, Tensor]:
@@ -297,6 +312,8 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
         raise CheckpointError(f"{path}: refusing to overwrite the input file; write to a new path")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a file name ending in .safetensors")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path.parent}: the destination folder does not exist; create it first")
     header: dict = {}
     offset = 0
     for key, t in state_dict.items():

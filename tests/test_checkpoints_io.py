@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import struct
 import sys
@@ -211,3 +212,19 @@ def test_save_file_transform_casts_one_tensor_at_a_time(tmp_path):
     got = load_file(tmp_path / "h.safetensors")
     assert all(torch.equal(got[k], sd[k].half()) for k in sd) and got.metadata["dtype"] == "F16"
     assert seen == ["meta", "meta", "cpu", "cpu"]  # planned on meta twins, converted only while writing
+
+
+def test_a_plain_pickle_is_refused_plainly_with_no_torch_warning(tmp_path):
+    import warnings
+
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({"w": [1.0, 2.0], "f": print}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leaked torch UserWarning would fail here
+        with pytest.raises(CheckpointError, match=r"this pickle would run code; refused"):
+            load_file(tmp_path / "plain.pt")
+
+
+def test_a_missing_destination_folder_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'nope'}: the destination folder does not exist"):
+        save_file({"w": torch.ones(2)}, tmp_path / "nope" / "x.safetensors")

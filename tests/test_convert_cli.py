@@ -93,3 +93,10 @@ def test_inspect_names_lora_files_and_unknown_ones(tmp_path, capsys):
     save_file({"foo.weight": torch.ones(2)}, tmp_path / "other.safetensors")
     assert main(["inspect", str(tmp_path / "other.safetensors")]) == 0
     assert "model: not recognised (no known model family" in capsys.readouterr().out
+
+
+def test_progress_in_a_redirected_log_is_one_line_with_no_carriage_returns(flux_file, capsys):
+    src, _ = flux_file
+    assert main([str(src), str(src.with_name("d.safetensors")), "--to", "diffusers"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("100%") == 1
