@@ -44,6 +44,10 @@ def convert(sd: Mapping[str, Tensor], to: str, family: str | None = None, *,
     if to not in LAYOUTS:
         raise ValueError(f"convert: to={to!r}; expected one of {LAYOUTS}")
     det, sub = select(sd, family)
+    if det.quant:
+        raise CheckpointError(f"this file is {det.quant}-quantised ({det.family}, {det.layout} layout): converting "
+                              "packed weights is not supported; convert the unquantised file, or dequantise with "
+                              "bitsandbytes first")
     if det.family == "lora":
         raise CheckpointError(f"this is a LoRA ({det.layout}, {det.note}): convert LoRA files with "
                               "`python -m lora convert`")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from checkpoints_convert.errors import DetectError
 from checkpoints_convert.families import arch_of, key_map
 from checkpoints_convert.fields import hints_from, read_fields
 from checkpoints_convert.keymap import WRAPPER_PREFIXES
+from checkpoints_convert.quant import bnb_kind, unpacked_view
 
 PREFIXES = WRAPPER_PREFIXES
 LORA_MARKS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.",
@@ -36,12 +37,14 @@ class Detection:
     note: str = ""
     assumed: dict = field(default_factory=dict)  # fields no shape tells, set to the released value: name -> value
     hints: dict = field(default_factory=dict)  # fields no shape tells, read from config.json / our metadata
+    quant: str = ""  # a quantisation zoo does not dequantise (bitsandbytes), e.g. 'bitsandbytes nf4'
 
     def __str__(self) -> str:
         s = f"{self.family} ({self.layout}{f', prefixed {self.prefix!r}' if self.prefix else ''})"
         s += f", config {self.config}" if self.config else ", not a released size"
         if self.components:
             s += "; also holds " + ", ".join(f"{f} under {p!r}" for p, f in self.components.items())
+        s += f"; {self.quant}-quantised" if self.quant else ""
         s += f"; assumed {self.assumed} (no shape tells them)" if self.assumed and not self.config else ""
         return s + (f"; {self.note}" if self.note else "")
 
@@ -217,6 +220,13 @@ def detect(sd: Mapping[str, Tensor]) -> Detection:
         raise DetectError("empty state dict: nothing to detect")
     if any(m in k for k in sd for m in LORA_MARKS):
         return _detect_lora(sd)
+    bnb = bnb_kind(sd)
+    if bnb is not None:  # the model under the packing, named with its quantisation
+        view = unpacked_view(sd, bnb[1])
+        det = detect(view) if view else None
+        if det is None:
+            raise DetectError(f"a {bnb[0]} file with nothing but quantisation tensors")
+        return replace(det, quant=bnb[0])
     found = _matches(sd)
     if not found:
         raise DetectError(_nearest(sd))

@@ -48,6 +48,7 @@ class Checkpoint(dict):
     paths: tuple[Path, ...] = ()
     metadata: dict[str, str]
     config: dict  # the diffusers/transformers `config.json` beside the weights ({} if none)
+    quant_types: dict[str, str]  # GGUF files: key -> GGML type (Q8_0, Q4_K, F32, ...) before dequantisation
     shard: tuple[int, int, Path | None] | None  # a lone shard (k of n, the index beside it) read as one file
     maps: list[tuple[int, int]]  # (address, bytes) of the private file mappings the tensors view
 
@@ -56,7 +57,7 @@ class Checkpoint(dict):
         self.paths = tuple(Path(p).resolve() for p in paths)
         self.metadata = dict(metadata or {})
         self.maps = []
-        self.config, self.shard = {}, None
+        self.config, self.shard, self.quant_types = {}, None, {}
 
     def release(self, t: Tensor | None = None) -> None:
         """Drop the resident file pages under `t` (or under every mapping) from this process's memory.
@@ -258,11 +259,16 @@ def load_file(path: str | Path, *, ema: bool = False) -> Checkpoint:
             out.metadata.update(part.metadata)
             out.maps += part.maps
             part = _take_ema(part, f) if ema else part
+        elif f.suffix == ".gguf":
+            from checkpoints_convert.gguf import load_gguf
+
+            part, types = load_gguf(f)
+            out.quant_types.update(types)
         elif f.suffix in PICKLE_SUFFIXES:
             part = _unwrap(_load_pickle(f), f, ema)
         else:
             raise CheckpointError(f"{f}: unknown checkpoint extension {f.suffix!r}; expected .safetensors, "
-                                  f"{', '.join(PICKLE_SUFFIXES)}, a sharded *.index.json or a model folder")
+                                  f"{', '.join(PICKLE_SUFFIXES)}, .gguf, a sharded *.index.json or a model folder")
         clash = out.keys() & part.keys()
         if clash:
             raise CheckpointError(f"{f}: key(s) {sorted(clash)[:5]} appear in more than one shard")

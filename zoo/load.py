@@ -22,6 +22,7 @@ from checkpoints_convert.detect import DetectError, Detection, detect
 from checkpoints_convert.families import family_of
 from checkpoints_convert.io import Checkpoint, load_file
 from checkpoints_convert.keymap import KeyMapError
+from checkpoints_convert.quant import bnb_kind
 from checkpoints_convert.summary import summarize
 from layers.cast import CAST_OF, CASTS, CastLinear, cast_layers
 from zoo.registry import build, get_config, list_models
@@ -93,6 +94,14 @@ def which_config(sd: Mapping[str, Tensor], det: Detection | None = None) -> tupl
         return None, config, model, _to_official(det, sub, config) if remade else official
     raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
                       f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
+
+
+def _refuse_bnb(sd: Mapping[str, Tensor]) -> None:
+    bnb = bnb_kind(sd)
+    if bnb is not None:
+        raise LoadError(f"this file is {bnb[0]}-quantised ({len(bnb[1])} packed layers, e.g. {bnb[1][0]}): zoo.load "
+                        "does not dequantise bitsandbytes files; load the unquantised release (or a GGUF file), or "
+                        "dequantise it with bitsandbytes first")
 
 
 def _agrees(config: Any, det: Detection) -> bool:
@@ -191,6 +200,7 @@ def load(
                         + (f"its index file {index} (or its folder)" if index else "the *.index.json of the set "
                            "(or its folder)"))
     opened = sd if not isinstance(source, Mapping) else None  # a file we mapped ourselves: its pages may be dropped
+    _refuse_bnb(sd)
     dtype = parse_dtype(dtype) if dtype is not None else None
     compute_dtype = parse_dtype(compute_dtype) if compute_dtype is not None else None
     if spec is None:
