@@ -108,6 +108,15 @@ def _sana_name(shape, key: str) -> str | None:
     return {1152: "sana-600m", 2240: "sana-1600m"}.get((shape(key) or [0])[0])
 
 
+def _text_name(shape, names: dict[tuple[int, int], str], width_key: str, layer: str) -> str | None:
+    """A text encoder release by width and layer count (`layer` formatted with a block index)."""
+    for (width, depth), name in names.items():
+        if (shape(width_key) or [0, 0])[1] == width and shape(layer.format(depth - 1)) and \
+                not shape(layer.format(depth)):
+            return name
+    return None
+
+
 UNET_CTX, D_UNET_CTX = "middle_block.1.transformer_blocks.0.attn2.to_k.weight", \
     "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 SIGNATURES = (  # priority order: the first family matched is the one reported
@@ -152,6 +161,19 @@ SIGNATURES = (  # priority order: the first family matched is the one reported
     Signature("autoencoder", "diffusers", ("encoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.conv1.weight",
                                            "decoder.up_blocks.0.resnets.0.conv1.weight", "decoder.conv_out.weight"),
               lambda s: _vae_name(s, "quant_conv.weight", "encoder.conv_out.weight")),
+    Signature("clip_text", "official", ("text_model.embeddings.token_embedding.weight",
+                                        "text_model.final_layer_norm.weight"),
+              lambda s: _text_name(s, {(768, 12): "clip-l", (1024, 24): "clip-h", (1280, 32): "clip-g"},
+                                   "text_model.embeddings.token_embedding.weight",
+                                   "text_model.encoder.layers.{}.mlp.fc1.weight")),
+    Signature("clip_text", "diffusers", ("embeddings.token_embedding.weight", "final_layer_norm.weight",
+                                         "encoder.layers.0.self_attn.q_proj.weight"),
+              lambda s: _text_name(s, {(768, 12): "clip-l", (1024, 24): "clip-h", (1280, 32): "clip-g"},
+                                   "embeddings.token_embedding.weight", "encoder.layers.{}.mlp.fc1.weight")),
+    Signature("t5_encoder", "official", ("encoder.block.0.layer.0.SelfAttention.q.weight",
+                                         "encoder.final_layer_norm.weight"),
+              lambda s: _text_name(s, {(4096, 24): "t5-xxl"}, "shared.weight",
+                                   "encoder.block.{}.layer.0.SelfAttention.q.weight")),
 )
 MAIN_FAMILIES = ("flux", "sana", "controlnet", "t2i_adapter", "unet")  # preferred over a VAE in the same file
 

@@ -27,6 +27,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("autoencoder", "autoencoder_kl",
            ("checkpoints_convert.autoencoder", "autoencoder_to_diffusers", "autoencoder_from_diffusers")),
     Family("dc_ae", "dc_ae", ("checkpoints_convert.dc_ae", "dc_ae_to_diffusers", "dc_ae_from_diffusers")),
+    Family("clip_text", "clip_text", ("checkpoints_convert.text", "clip_text_to_diffusers",
+                                      "clip_text_from_diffusers")),
+    Family("t5_encoder", "t5_encoder"),
 )}
 FAMILY_OF_ARCH: dict[str, str] = {f.arch: f.name for f in FAMILIES.values()}
 

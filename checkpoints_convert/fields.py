@@ -174,10 +174,41 @@ def autoencoder_fields(s: Shapes, f: _Fields) -> None:
     f.unknown("shift_factor", released[1])
 
 
+def clip_text_fields(s: Shapes, f: _Fields) -> None:
+    vocab, hidden = s["text_model.embeddings.token_embedding.weight"]
+    proj = s.get("text_projection.weight")
+    f.fields.update(vocab_size=vocab, hidden_size=hidden, max_position_embeddings=s[
+        "text_model.embeddings.position_embedding.weight"][0],
+        intermediate_size=s["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=block_count(s, "text_model.encoder.layers"), with_projection=proj is not None,
+        projection_dim=proj[0] if proj else hidden)
+    f.unknown("num_attention_heads", max(1, hidden // 64))  # every released CLIP text encoder: 64-wide heads
+    f.unknown("hidden_act", "quick_gelu" if hidden == 768 else "gelu")  # OpenAI CLIP-L vs the OpenCLIP H/G
+    f.unknown("eos_token_id", 2)  # the legacy argmax pooling the released files ship with
+
+
+def t5_encoder_fields(s: Shapes, f: _Fields) -> None:
+    a = "encoder.block.0.layer.0.SelfAttention"
+    buckets, heads = s[f"{a}.relative_attention_bias.weight"]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
+    wi = s["encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")]
+    f.fields.update(vocab_size=s["shared.weight"][0] if "shared.weight" in s else s[
+        "encoder.embed_tokens.weight"][0], d_model=s[f"{a}.q.weight"][1], num_heads=heads,
+        d_kv=s[f"{a}.q.weight"][0] // heads, d_ff=wi[0], num_layers=block_count(s, "encoder.block"),
+        relative_attention_num_buckets=buckets)
+    f.unknown("feed_forward_proj", "gated-gelu" if gated else "relu")  # T5 v1.1 (Flux, SD3) vs the original T5
+    f.unknown("relative_attention_max_distance", 128)
+
+
 READERS: dict[str, Callable[[Shapes, _Fields], None]] = {
     "flux": flux_fields, "unet": unet_fields, "controlnet": controlnet_fields, "t2i_adapter": t2i_adapter_fields,
-    "sana": sana_fields, "autoencoder": autoencoder_fields,
+    "sana": sana_fields, "autoencoder": autoencoder_fields, "clip_text": clip_text_fields,
+    "t5_encoder": t5_encoder_fields,
 }
+# transformers config.json names are the zoo field names of the text encoders: taken as they are
+TEXT_HINTS = {"clip_text": ("num_attention_heads", "hidden_act", "eos_token_id", "bos_token_id", "pad_token_id",
+                            "layer_norm_eps"),
+              "t5_encoder": ("feed_forward_proj", "relative_attention_max_distance", "layer_norm_epsilon")}
 
 
 def _unet_heads_hint(cfg: Mapping[str, Any], widths: list[int]) -> dict[str, int]:
@@ -210,6 +241,9 @@ def hints_from(family: str, config: Mapping[str, Any] | None, metadata: Mapping[
                     if cfg.get(d) is not None})
     elif family == "autoencoder" and cfg:
         out.update({"scale_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor") or 0.0})
+    elif family in TEXT_HINTS and cfg:
+        text = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        out.update({k: text[k] for k in TEXT_HINTS[family] if text.get(k) is not None})
     if metadata and "zoo_fields" in metadata:
         try:
             out.update(json.loads(metadata["zoo_fields"]))
@@ -229,4 +263,7 @@ def read_fields(family: str, shapes: Shapes, hints: Mapping[str, Any] | None = N
         reader(shapes, f)
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError):
         return None, {}  # a pruned or unusual file: zoo.load then asks for a config
+    for k, v in f.hints.items():  # other told fields (eps, token ids, ...) as given
+        if k not in f.fields and k != "head_dim":
+            f.fields[k] = v
     return f.fields, f.assumed

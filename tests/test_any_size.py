@@ -162,3 +162,28 @@ def test_convert_keeps_what_config_json_told_in_the_file_metadata(tmp_path):
     assert main([str(tmp_path / "transformer"), str(tmp_path / "o.safetensors"), "--to", "official", "-q"]) == 0
     det = detect(load_file(tmp_path / "o.safetensors"))
     assert det.layout == "official" and det.assumed == {} and det.fields["num_heads"] == 2
+
+
+def test_text_encoders_of_any_size_load_from_transformers_folders(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    clip_cfg = transformers.CLIPTextConfig(
+        vocab_size=99, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
+        max_position_embeddings=10, bos_token_id=97, eos_token_id=98, pad_token_id=0, hidden_act="gelu",
+        attn_implementation="eager")
+    t5_cfg = transformers.T5Config(vocab_size=64, d_model=24, d_kv=6, d_ff=40, num_layers=2, num_heads=3,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=10,
+                                   feed_forward_proj="gated-gelu", attn_implementation="eager")
+    clip = randomize(transformers.CLIPTextModel(clip_cfg).eval(), seed=6)
+    t5 = randomize(transformers.T5EncoderModel(t5_cfg).eval(), seed=7)
+    clip.save_pretrained(tmp_path / "text_encoder")
+    t5.save_pretrained(tmp_path / "text_encoder_2")
+    ids = torch.randint(1, 60, (1, 10), generator=torch.Generator().manual_seed(0))
+    ids[0, 0], ids[0, 6] = 97, 98
+    with torch.no_grad():
+        hidden, pooled = zoo.load(None, tmp_path / "text_encoder")(ids)
+        want = clip(ids)
+        assert max_rel_err(hidden, want.last_hidden_state) <= 1e-5
+        assert max_rel_err(pooled, want.pooler_output) <= 1e-5
+        ids = ids % 64
+        got = zoo.load(None, tmp_path / "text_encoder_2")(ids)
+        assert max_rel_err(got, t5(ids).last_hidden_state) <= 1e-5

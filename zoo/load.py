@@ -32,6 +32,8 @@ from zoo.registry import build, get_config, list_models
 _REMADE = {"sana": (("pos_embed", "y_embedder.y_embedding"),
                     lambda c: {"sample_size": c.input_size, "model_max_length": c.model_max_length})}
 
+TIED = {"t5_encoder": ("shared.weight", "encoder.embed_tokens.weight")}
+
 
 class LoadError(ValueError):
     """Checkpoint and model disagree: the message lists missing, unexpected and mis-shaped keys together."""
@@ -145,6 +147,10 @@ def _family_name(det: Detection) -> str:
 
 def _to_official(det: Detection, sub: Mapping[str, Tensor], config: Any = None) -> Mapping[str, Tensor]:
     """A prefix-stripped model of detection `det` -> the official layout (diffusers' dropped buffers remade)."""
+    if det.family in TIED:  # files store a tied embedding once: the model lists it under both names
+        a, b = TIED[det.family]
+        if (a in sub) != (b in sub):
+            sub = {**sub, a: sub.get(a, sub.get(b)), b: sub.get(b, sub.get(a))}
     if det.layout == "official":
         return sub
     kwargs = _REMADE[det.family][1](config) if det.family in _REMADE and config is not None else {}
