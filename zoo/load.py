@@ -110,7 +110,10 @@ def _agrees(config: Any, det: Detection) -> bool:
     """Whether a shipped config has the values config.json / our metadata give for what no shape tells."""
     if not det.hints:
         return True
-    hinted = get_config(det.fields)
+    try:
+        hinted = get_config(det.fields)
+    except (ValueError, TypeError):
+        return True  # the told values do not make a config of their own: the shapes decide
     for k in det.hints:
         if k in ("num_heads", "num_head_channels") and hasattr(config, "heads"):  # the same heads, either way
             widths = [config.model_channels * m for m in config.channel_mult]
