@@ -6,6 +6,7 @@ from __future__ import annotations
 from . import objectives, timesteps
 from .checkpoint import ResumeError, latest_checkpoint
 from .ema import EMA
+from .forwards import flux_forward
 from .loop import FitResult, fit
 from .metrics import read_metrics
 from .objectives import Objective, bridge_matching, drop_cond, flow_matching, noise_prediction
@@ -17,6 +18,7 @@ __all__ = [
     "FitResult",
     "ResumeError",
     "fit",
+    "flux_forward",
     "latest_checkpoint",
     "read_metrics",
     "select_trainable",

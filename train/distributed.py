@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,10 @@ def load_sharded(path: str | Path, parts: TrainParts) -> dict[str, int]:
     if (info["ema_decay"] is None) != (parts.ema is None) or (info["scaler"] is None) != (parts.scaler is None):
         raise ResumeError(f"cannot resume from {path}: EMA or fp16 scaler settings differ from this run")
     state = _dcp_state(parts)
-    dcp.load(state, checkpoint_id=str(path))
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=single)
     set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True))
     parts.scheduler.load_state_dict(info["scheduler"])

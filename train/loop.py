@@ -92,6 +92,7 @@ def fit(
     trainable: Sequence[str] | None = None,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
     warmup: int = 0,
     lr_schedule: str = "constant",
     min_lr_ratio: float = 0.0,
@@ -142,7 +143,7 @@ def fit(
 
     # 2. optimizer, LR schedule, grad scaler, EMA, the objective's random generator
     plain = all(type(p.data) is Tensor for p in params) and device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=adam_eps, weight_decay=weight_decay,
                                   fused=plain or None, foreach=None if plain else True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, warmup=warmup, total=steps, schedule=lr_schedule, min_ratio=min_lr_ratio))
