@@ -1,0 +1,1 @@
+"""Datasets for training: image folders (images.py) and Atari game frames (atari.py)."""
