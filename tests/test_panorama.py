@@ -75,3 +75,21 @@ def test_circular_pad_needs_a_grid_at_least_that_wide(models):
     too_wide = zoo.build("tiny-flux", circular_pad=7)
     with pytest.raises(ValueError, match="circular_pad=7 needs a row-major token grid at least 7 wide"):
         too_wide(img, iid, txt, tid, t, y, **kw)
+
+
+def test_circular_pad_builds_dit360_a_flux_with_the_same_keys_whose_forward_is_flux_s(models):
+    plain, wrapped, _, _ = models
+    assert type(plain) is zoo.flux.Flux and isinstance(wrapped, zoo.panorama.DiT360)
+    assert isinstance(wrapped, zoo.flux.Flux) and wrapped.state_dict().keys() == plain.state_dict().keys()
+    assert zoo.panorama.DiT360.forward is not zoo.flux.Flux.forward
+
+
+def test_full_size_dit360_traces_on_meta_given_the_grid_width():
+    model = zoo.build("dit360", device="meta")
+    args, kwargs = zoo.example_inputs(model, height=512, width=1024, txt_len=8, device="meta")
+    assert kwargs["width"] == 64
+    t = zoo.trace(model, *args, max_depth=1, **kwargs)
+    assert t.output.shape == (1, 32 * 64, 64) and t["img_in"].inputs == [(1, 32 * 66, 64)]  # one column each side
+    kwargs.pop("width")
+    with pytest.raises(ValueError, match="cannot be read off meta position ids.*pass width="):
+        model(*args, **kwargs)

@@ -9,7 +9,19 @@
     model = zoo.load("flux-dev", "flux1-dev.safetensors")  # any supported layout, memory-mapped
 """
 # importing each family module registers its architecture(s) with the registry
-from zoo import autoencoder, clip_text, controlnet, dc_ae, flux, hint_encoder, sana, t2i_adapter, t5, unet  # noqa: F401
+from zoo import (  # noqa: F401
+    autoencoder,
+    clip_text,
+    controlnet,
+    dc_ae,
+    flux,
+    hint_encoder,
+    panorama,  # DiT360, a variant of flux
+    sana,
+    t2i_adapter,
+    t5,
+    unet,
+)
 from zoo.load import load
 from zoo.registry import build, get_config, list_archs, list_models, register
 from zoo.trace import example_inputs, trace

@@ -1,7 +1,7 @@
 """Flux (Black Forest Labs, `flux/model.py` + `flux/modules/layers.py`): double- and single-stream MMDiT with RoPE.
 
 Parameter names are the official ones, so `flux1-dev.safetensors` loads with `strict=True`.
-DiT360 is this model with the panorama wrap of `zoo.panorama` (config field `circular_pad`).
+DiT360 is `zoo.panorama.DiT360`, this model with a panorama wrap around its forward (built for `circular_pad > 0`).
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from layers import (
     modulate,
     timestep_embedding,
 )
-from zoo import panorama
 from zoo.registry import register
 
 
 @dataclass
 class FluxParams:
-    """The official `FluxParams`, plus `circular_pad` (DiT360: token columns wrapped inside every forward)."""
+    """The official `FluxParams`, plus `circular_pad` (> 0 builds DiT360: token columns wrapped around the forward)."""
 
     in_channels: int
     vec_in_dim: int
@@ -200,9 +199,6 @@ class Flux(Checkpointed, nn.Module):
         guidance: Tensor | None = None,  # (B,) distilled guidance strength
     ) -> Tensor:  # (B, L_img, out_channels)
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        pad = self.params.circular_pad
-        if pad:
-            img, img_ids, grid = panorama.wrap_tokens(img, img_ids, pad)
 
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256))
@@ -217,8 +213,7 @@ class Flux(Checkpointed, nn.Module):
         img = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
             img = self.run(block, img, vec=vec, pe=pe)
-        img = self.final_layer(img[:, txt.shape[1] :, ...], vec)
-        return panorama.unwrap_tokens(img, grid, pad) if pad else img
+        return self.final_layer(img[:, txt.shape[1] :, ...], vec)
 
     def example_inputs(self, batch: int = 1, height: int = 1024, width: int = 1024, txt_len: int = 512,
                        device=None, dtype=torch.float32) -> tuple[tuple, dict]:

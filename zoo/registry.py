@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,28 @@ import configs
 
 CONFIG_DIR = Path(configs.__file__).parent
 _ARCHS: dict[str, tuple[type[nn.Module], type]] = {}
+_VARIANTS: dict[str, list[tuple[Callable[[Any], bool], type[nn.Module]]]] = {}
 
 
-def register(arch: str, config_cls: type):
-    """Class decorator: `@register("flux", FluxParams)` makes `arch: flux` configs build this model."""
+def register(arch: str, config_cls: type, *, when: Callable[[Any], bool] | None = None):
+    """Class decorator: `@register("flux", FluxParams)` makes `arch: flux` configs build this model.
+
+    With `when` (a predicate on the config) the class is a variant of the arch's model, built instead of it for the
+    configs the predicate accepts: `@register("flux", FluxParams, when=lambda p: p.circular_pad > 0)` is DiT360.
+    """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config class for arch {arch!r} must be a dataclass, got {config_cls!r}")
 
     def wrap(model_cls: type[nn.Module]) -> type[nn.Module]:
+        if when is not None:
+            if arch not in _ARCHS or _ARCHS[arch][1] is not config_cls:
+                raise ValueError(
+                    f"variant {model_cls.__name__} needs arch {arch!r} registered first with {config_cls.__name__}"
+                )
+            if all(cls is not model_cls for _, cls in _VARIANTS.get(arch, [])):
+                _VARIANTS.setdefault(arch, []).append((when, model_cls))
+            model_cls.arch = arch
+            return model_cls
         if arch in _ARCHS and _ARCHS[arch][0] is not model_cls:
             raise ValueError(f"arch {arch!r} is already registered to {_ARCHS[arch][0].__name__}")
         _ARCHS[arch] = (model_cls, config_cls)
@@ -106,6 +121,12 @@ def make_config(arch: str, fields: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in fields.items() if k in known})
 
 
+def model_class(config: Any) -> type[nn.Module]:
+    """The class that `build` makes for a config: the arch's model, or the first registered variant accepting it."""
+    arch = _arch_of(config)
+    return next((cls for when, cls in _VARIANTS.get(arch, []) if when(config)), _ARCHS[arch][0])
+
+
 def get_config(spec: str | Path | dict | Any, **overrides: Any) -> Any:
     """The config dataclass for a config name, YAML path, dict (with `arch`) or config instance, plus overrides."""
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
@@ -126,7 +147,7 @@ def build(
 ) -> nn.Module:
     """Build a model from a config name / YAML path / dict / config; `device="meta"` builds with no memory."""
     config = get_config(spec, **overrides)
-    model_cls = _ARCHS[_arch_of(config)][0]
+    model_cls = model_class(config)
     with torch.device(device or "cpu"):
         model = model_cls(config)
     if dtype is not None:
