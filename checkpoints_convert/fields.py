@@ -25,6 +25,7 @@ class _Fields:
         self.fields: dict[str, Any] = {"arch": arch}
         self.assumed: dict[str, Any] = {}
         self.hints = hints
+        self.used: set[str] = set()  # hints consumed into nested fields (not config fields of their own)
 
     def unknown(self, name: str, released: Any) -> Any:
         if name in self.hints:
@@ -32,6 +33,14 @@ class _Fields:
         else:
             self.fields[name] = self.assumed[name] = released
         return self.fields[name]
+
+    def told(self, name: str, released: Any) -> Any:
+        """As `unknown`, for a value that goes inside a nested field rather than being a field itself."""
+        self.used.add(name)
+        if name in self.hints:
+            return self.hints[name]
+        self.assumed[name] = released
+        return released
 
 
 def _split_axes(head_dim: int) -> list[int]:
@@ -200,10 +209,76 @@ def t5_encoder_fields(s: Shapes, f: _Fields) -> None:
     f.unknown("relative_attention_max_distance", 128)
 
 
+def _dc_ae_op(s: Shapes, p: str) -> tuple[str, int] | None:
+    """(block type, width) of the official DC-AE block at `p`; None where `p` is a resampling op."""
+    if f"{p}.main.conv1.conv.weight" in s:
+        return "ResBlock", s[f"{p}.main.conv1.conv.weight"][0]
+    qkv = f"{p}.context_module.main.qkv.conv.weight"
+    if qkv in s:  # a 5x5 aggregation of q/k/v makes it the multi-scale EfficientViT block
+        return ("EViTS5_GLU" if f"{p}.context_module.main.aggreg.0.0.weight" in s else "EViT_GLU"), s[qkv][1]
+    return None
+
+
+def _dc_ae_stages(s: Shapes, side: str, n: int) -> tuple[list, list, list, list[str | None], list]:
+    """Per stage of `side` (encoder/decoder): widths (None where empty), depths, block types, norms, and the
+    resampling op's (key prefix, output channels, has a shortcut) where the stage has one."""
+    widths, depths, kinds, norms, resample = [None] * n, [0] * n, ["ResBlock"] * n, [None] * n, [None] * n
+    for i in range(n):
+        j = 0
+        while any(k.startswith(f"{side}.stages.{i}.op_list.{j}.") for k in s):
+            p = f"{side}.stages.{i}.op_list.{j}"
+            op = _dc_ae_op(s, p)
+            if op is None:
+                main = next(k for k in (f"{p}.main.conv.conv.weight", f"{p}.main.conv.weight", f"{p}.conv.conv.weight",
+                                        f"{p}.conv.weight") if k in s)
+                resample[i] = (main, s[main][0], main.startswith(f"{p}.main."))
+            else:
+                kinds[i], widths[i], depths[i] = op[0], op[1], depths[i] + 1
+                bn = any(k.startswith(p + ".") and k.endswith("norm.running_mean") for k in s)
+                norms[i] = "bn2d" if bn else "trms2d"  # trms2d and rms2d are the same RMS over channels
+            j += 1
+    return widths, depths, kinds, norms, resample
+
+
+def dc_ae_fields(s: Shapes, f: _Fields) -> None:
+    n = max(block_count(s, "encoder.stages"), block_count(s, "decoder.stages"))
+    ew, ed, ek, en, down = _dc_ae_stages(s, "encoder", n)
+    dw, dd, dk, dn, up = _dc_ae_stages(s, "decoder", n)
+    widths = [e or d for e, d in zip(ew, dw)]
+    if widths[0] is None:  # an empty first stage (the mix releases) leaves its width in no shape, nor in the math
+        widths[0] = widths[1] // 2
+    if None in widths:
+        raise ValueError("a DC-AE stage with no blocks in encoder and decoder")
+    stem = next(k for k in ("encoder.project_in.conv.conv.weight", "encoder.project_in.conv.weight") if k in s)
+    out = next(k for k in ("encoder.project_out.main.op_list.0.conv.weight",
+                           "encoder.project_out.op_list.0.conv.weight") if k in s)
+    # the encoder's resampling op: the stride-2 conv (the Sana release) or a conv before space-to-channel
+    d_key, d_out, d_short = next((r for r in down if r), (stem, s[stem][0], False))
+    d_kind = "ConvPixelUnshuffle" if d_key.endswith("conv.conv.weight") else "Conv"
+    u_key, u_out, u_short = next((r for i, r in enumerate(up) if r), (None, None, True))
+    u_widths = [w for r, w in zip(up, widths) if r]
+    u_kind = "ConvPixelShuffle" if u_key and u_out == 4 * u_widths[0] else "InterpolateConv"
+    f.fields.update(in_channels=s[stem][1], latent_channels=s[out][0], use_quant_conv=False, encoder=dict(
+        width_list=widths, depth_list=ed, block_type=ek, norm=next((x for x in en if x), "trms2d"),
+        downsample_block_type=d_kind, downsample_shortcut="averaging" if d_short else None,
+        out_shortcut="averaging" if ".main." in out else None), decoder=dict(
+        width_list=widths, depth_list=dd, block_type=dk, norm=[x or next((y for y in dn if y), "trms2d") for x in dn],
+        upsample_block_type=u_kind, upsample_shortcut="duplicating" if u_short else None,
+        in_shortcut="duplicating" if "decoder.project_in.main.conv.weight" in s else None,
+        out_norm=("bn2d" if "decoder.project_out.op_list.0.running_mean" in s else "trms2d")
+        if "decoder.project_out.op_list.0.weight" in s else None))
+    # activations have no weights: the releases' SiLU, and ReLU where the decoder's stage uses BatchNorm, ReLU out
+    f.fields["encoder"]["act"] = f.told("act", "silu")
+    f.fields["decoder"]["act"] = f.told("decoder_act", ["relu" if x == "bn2d" else "silu"
+                                                        for x in f.fields["decoder"]["norm"]])
+    f.fields["decoder"]["out_act"] = f.told("decoder_out_act", "relu")
+    f.unknown("scaling_factor", 0.41407 if d_kind == "Conv" else 1.0)  # Sana's release; the mix ones name none
+
+
 READERS: dict[str, Callable[[Shapes, _Fields], None]] = {
     "flux": flux_fields, "unet": unet_fields, "controlnet": controlnet_fields, "t2i_adapter": t2i_adapter_fields,
     "sana": sana_fields, "autoencoder": autoencoder_fields, "clip_text": clip_text_fields,
-    "t5_encoder": t5_encoder_fields,
+    "t5_encoder": t5_encoder_fields, "dc_ae": dc_ae_fields,
 }
 # transformers config.json names are the zoo field names of the text encoders: taken as they are
 TEXT_HINTS = {"clip_text": ("num_attention_heads", "hidden_act", "eos_token_id", "bos_token_id", "pad_token_id",
@@ -241,6 +316,12 @@ def hints_from(family: str, config: Mapping[str, Any] | None, metadata: Mapping[
                     if cfg.get(d) is not None})
     elif family == "autoencoder" and cfg:
         out.update({"scale_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor") or 0.0})
+    elif family == "dc_ae" and cfg:  # diffusers' AutoencoderDC: its encoder is always SiLU
+        acts = cfg.get("decoder_act_fns", "silu")
+        n = len(cfg.get("decoder_block_out_channels") or ()) or 1
+        out.update(act="silu", decoder_act=[acts] * n if isinstance(acts, str) else list(acts),
+                   decoder_out_act=cfg.get("decoder_conv_act_fn", "relu"),
+                   scaling_factor=cfg.get("scaling_factor", 1.0))
     elif family in TEXT_HINTS and cfg:
         text = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
         out.update({k: text[k] for k in TEXT_HINTS[family] if text.get(k) is not None})
@@ -264,6 +345,6 @@ def read_fields(family: str, shapes: Shapes, hints: Mapping[str, Any] | None = N
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError):
         return None, {}  # a pruned or unusual file: zoo.load then asks for a config
     for k, v in f.hints.items():  # other told fields (eps, token ids, ...) as given
-        if k not in f.fields and k != "head_dim":
+        if k not in f.fields and k != "head_dim" and k not in f.used:
             f.fields[k] = v
     return f.fields, f.assumed

@@ -187,3 +187,31 @@ def test_text_encoders_of_any_size_load_from_transformers_folders(tmp_path):
         ids = ids % 64
         got = zoo.load(None, tmp_path / "text_encoder_2")(ids)
         assert max_rel_err(got, t5(ids).last_hidden_state) <= 1e-5
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_dc_ae_of_any_structure_loads_from_a_diffusers_folder_with_its_scale_and_activations(tmp_path, mix):
+    evit, res = "EfficientViTBlock", "ResBlock"
+    kw = dict(decoder_norm_types=("batch_norm", "rms_norm", "rms_norm"), decoder_act_fns=("relu6", "silu", "silu"),
+              encoder_layers_per_block=(0, 2, 1), decoder_layers_per_block=(0, 1, 2), decoder_conv_act_fn="silu",
+              encoder_qkv_multiscales=((),) * 3, decoder_qkv_multiscales=((),) * 3) if mix else dict(
+        encoder_layers_per_block=(1, 2, 1), decoder_layers_per_block=(2, 1, 1), downsample_block_type="Conv",
+        upsample_block_type="interpolate", encoder_qkv_multiscales=((), (5,), (5,)),
+        decoder_qkv_multiscales=((), (5,), (5,)))
+    ref = randomize(diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=8, attention_head_dim=32, encoder_block_types=(res, evit, evit),
+        decoder_block_types=(res, evit, evit), encoder_block_out_channels=(16, 32, 64),
+        decoder_block_out_channels=(16, 32, 64), scaling_factor=0.3, **kw), seed=3, std=0.1).eval()
+    for n, b in ref.named_buffers():
+        if n.endswith("running_var"):
+            b.abs_()
+    ref.save_pretrained(tmp_path / "dc")
+    model = zoo.load(None, tmp_path / "dc")
+    assert model.params.scaling_factor == 0.3 and model.params.decoder.out_act == ("silu" if mix else "relu")
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = ref.encode(x).latent
+        assert max_rel_err(model.encode(x), z) <= 1e-5
+        assert max_rel_err(model.decode(z), ref.decode(z).sample) <= 1e-5
+    det = detect(convert(ref.state_dict(), to="official"))  # no config.json: the releases' activations, said so
+    assert det.assumed["scaling_factor"] == (1.0 if mix else 0.41407) and "decoder_act" in det.assumed
