@@ -21,6 +21,7 @@ from zoo import (  # noqa: F401
     t2i_adapter,
     t5,
     unet,
+    world_model,  # Sana + history and actions
 )
 from zoo.load import load
 from zoo.registry import build, get_config, list_archs, list_models, register

@@ -149,13 +149,20 @@ class Sana(Checkpointed, nn.Module):
         )
         self.final_layer = T2IFinalLayer(d, p.patch_size, self.out_channels)
 
-    def forward(self, x: Tensor, timestep: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timestep: Tensor, y: Tensor, mask: Tensor | None = None,
+                features: Tensor | None = None) -> Tensor:
         """x (B, C, H, W) latents, timestep (B,) or scalar in [0, 1000], y (B, 1, L, C_cap) or (B, L, C_cap),
-        mask (B, L) caption keep-mask -> (B, out_channels, H, W)."""
+        mask (B, L) caption keep-mask -> (B, out_channels, H, W). `features` (B, N, D): added to the patch
+        tokens (the world model's history encoder)."""
         x, timestep, y, mask = self._check_inputs(x, timestep, y, mask)
         p = self.params.patch_size
         hw = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.x_embedder(x)  # (B, N, D)
+        if features is not None:
+            if features.shape != x.shape:
+                raise ValueError(f"features has shape {tuple(features.shape)}, expected the patch tokens' "
+                                 f"{tuple(x.shape)}")
+            x = x + features.to(x.dtype)
         if self.params.use_pe:
             x = x + sincos_pos_embed_2d(x.shape[-1], *hw, self.base_size, self.params.pe_interpolation,
                                         device=x.device).to(x.dtype)
