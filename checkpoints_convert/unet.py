@@ -138,11 +138,6 @@ def diffusers_label(keys: set[str]) -> str | None:
     return next((t for t in LABEL_TARGETS if f"{t}.linear_1.weight" in keys), None)
 
 
-# the names lora/ imported before these helpers were public (kept until lora/ uses the public ones)
-_official_structure, _diffusers_structure = official_structure, diffusers_structure
-_official_label, _diffusers_label = official_label, diffusers_label
-
-
 # ---- public functions ----
 
 def unet_to_diffusers(sd: dict[str, Tensor], label_target: str = "add_embedding") -> dict[str, Tensor]:

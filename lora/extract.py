@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from checkpoints_convert.keymap import WRAPPER_PREFIXES
 from lora.formats import Factor, write
 
-_WRAPPERS = ("model.diffusion_model.", "diffusion_model.")
+_WRAPPERS = WRAPPER_PREFIXES[:2]  # LDM's `model.diffusion_model.`, ComfyUI's `diffusion_model.`
 
 
 @dataclass

@@ -20,16 +20,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from checkpoints_convert.flux import flux_entries, flux_widths
 from checkpoints_convert.io import load_file as read_checkpoint
 from checkpoints_convert.io import save_file
-from checkpoints_convert.keymap import Entry
+from checkpoints_convert.keymap import WRAPPER_PREFIXES, Entry, swap_halves
+from checkpoints_convert.unet import (
+    diffusers_label,
+    diffusers_structure,
+    official_label,
+    official_structure,
+    unet_entries,
+)
 from lora.inject import inject, list_targets, lora_layers
 
 FORMATS = ("ours", "comfy", "kohya", "diffusers", "xlabs")
 _UNET_DIFFUSERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",
                    "add_embedding.", "class_embedding")
 LABEL = "add_embedding"  # where diffusers puts SDXL's `label_emb` (text_time)
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 _ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
           ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
 _KOHYA = re.compile(r"^lora_(unet|transformer|te\d?)_")
@@ -63,14 +70,11 @@ class Family:
         self.official = {e.official: e for e in self.entries}
 
     def sizes(self, e: Entry) -> list[int]:
-        rows = self.rows[e.official]
-        return e.sizes(rows) if e.sizes else [rows // len(e.diffusers)] * len(e.diffusers)
+        return e.part_sizes(self.rows[e.official])
 
 
 def flux_family(names: list[str], hidden: int, mlp_hidden: int | None = None) -> Family:
     """The Flux map for the blocks named in `names` (official or diffusers) at width `hidden`."""
-    from checkpoints_convert.flux import flux_entries
-
     count = lambda pat: max([int(m.group(1)) + 1 for n in names if (m := re.search(pat, n))], default=0)
     depth = max(count(r"(?:^|[._])double_blocks[._](\d+)"), count(r"(?:^|[._])transformer_blocks[._](\d+)"))
     single = max(count(r"single_blocks[._](\d+)"), count(r"single_transformer_blocks[._](\d+)"))
@@ -82,21 +86,19 @@ def flux_family(names: list[str], hidden: int, mlp_hidden: int | None = None) ->
 
 def family_of_checkpoint(shapes: dict[str, tuple[int, ...]]) -> Family:
     """The family of a full model checkpoint (official or diffusers layout) from its keys and shapes."""
-    p = next((p for p in _PREFIXES[:2] if any(k.startswith(p) for k in shapes)), "")
+    p = next((p for p in WRAPPER_PREFIXES[:2] if any(k.startswith(p) for k in shapes)), "")
     shapes = {k[len(p):]: tuple(v) for k, v in shapes.items() if k.startswith(p)}
     keys = set(shapes)
-    if "img_in.weight" in keys or "x_embedder.weight" in keys and "context_embedder.weight" in keys:
-        hidden = shapes.get("img_in.weight", shapes.get("x_embedder.weight"))[0]
-        mlp = shapes.get("single_transformer_blocks.0.proj_mlp.weight", (None,))[0]
-        fam = flux_family(list(keys), hidden, mlp)
+    flux = flux_widths(shapes) if "img_in.weight" in keys or {"x_embedder.weight", "context_embedder.weight"} <= keys \
+        else None
+    if flux is not None:
+        fam = flux_family(list(keys), flux["hidden"], flux["mlp_hidden"])
         fam.rows |= {n: shapes[f"{n}.weight"][0] for n in fam.rows if f"{n}.weight" in shapes}
         return fam
-    from checkpoints_convert import unet as u
-
     if "input_blocks.0.0.weight" in keys:
-        return Family("unet", u.unet_entries(u._official_structure(keys), u._official_label(keys, LABEL)), "unet")
+        return Family("unet", unet_entries(official_structure(keys), official_label(keys, LABEL)), "unet")
     if "conv_in.weight" in keys and "down_blocks.0.resnets.0.conv1.weight" in keys:
-        return Family("unet", u.unet_entries(u._diffusers_structure(keys), u._diffusers_label(keys)), "unet")
+        return Family("unet", unet_entries(diffusers_structure(keys), diffusers_label(keys)), "unet")
     return Family()
 
 
@@ -183,7 +185,7 @@ def _pattern(patterns: dict, name: str):
 
 
 def _strip(name: str) -> str:
-    for p in _PREFIXES:
+    for p in WRAPPER_PREFIXES:
         if name.startswith(p):
             return name[len(p):]
     return name
@@ -243,16 +245,11 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
     return factors, unmatched, fmt
 
 
-def _swap(t: Tensor) -> Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def _join(e: Entry, got: dict[int, Factor], family: Family) -> Factor:
     """diffusers parts -> one Factor on the fused official module, exact: B A = the parts' B_i A_i stacked."""
     if len(e.diffusers) == 1:
         f = got[0]
-        return Factor(f.down, _swap(f.up) if e.swap else f.up, f.alpha)
+        return Factor(f.down, swap_halves(f.up) if e.swap else f.up, f.alpha)
     sizes = family.sizes(e)
     fs = [got[i] for i in sorted(got)]
     if len(got) == len(sizes) and all(torch.equal(f.down, fs[0].down) and f.alpha == fs[0].alpha for f in fs):
@@ -276,7 +273,7 @@ def _join(e: Entry, got: dict[int, Factor], family: Family) -> Factor:
 
 def _split(e: Entry, f: Factor, family: Family) -> dict[str, Factor]:
     """One Factor on a fused official module -> its diffusers parts (the inverse of `_join`)."""
-    up = _swap(f.up) if e.swap else f.up
+    up = swap_halves(f.up) if e.swap else f.up
     if len(e.diffusers) == 1:
         return {e.diffusers[0]: Factor(f.down, up, f.alpha)}
     family.rows.setdefault(e.official, f.up.shape[0])
@@ -431,10 +428,8 @@ def load(model: nn.Module, src: str | os.PathLike | dict, *, adapter: str = "def
         inject(model, names, rank=r, alpha=alpha, conv_rank=r, conv_alpha=alpha, adapter=adapter, init="none",
                scale=scale)
     layers = lora_layers(model)
-    with torch.no_grad():
-        for n, f in factors.items():
-            layers[n].lora_down[adapter].weight.copy_(f.down)
-            layers[n].lora_up[adapter].weight.copy_(f.up)
+    for n, f in factors.items():
+        layers[n].set_factors(adapter, f.down, f.up)
     report = LoadReport(fmt, adapter, list(factors), unmatched)
     if unmatched:
         warnings.warn(str(report), stacklevel=2)
@@ -443,8 +438,8 @@ def load(model: nn.Module, src: str | os.PathLike | dict, *, adapter: str = "def
 
 def factors_of(model: nn.Module, adapter: str = "default") -> dict[str, Factor]:
     """Adapter `adapter` of `model` as {official module: Factor}."""
-    out = {n: Factor(m.lora_down[adapter].weight.detach(), m.lora_up[adapter].weight.detach(), m.alpha[adapter])
-           for n, m in lora_layers(model).items() if adapter in m.adapters}
+    out = {n: Factor(*m.factors(adapter), m.alpha[adapter]) for n, m in lora_layers(model).items()
+           if adapter in m.adapters}
     if not out:
         raise ValueError(f"the model has no adapter {adapter!r}")
     return out

@@ -150,8 +150,7 @@ def remove(model: nn.Module, adapter: str | None = None, *, merge: bool = False)
     restored = []
     for name, layer in lora_layers(model).items():
         if merge:
-            layer.merge()
-            layer.merged, layer._unmerged_weight = {}, None
+            layer.merge(permanent=True)
         else:
             layer.unmerge()
         for a in [adapter] if adapter else layer.adapters:

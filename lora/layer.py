@@ -103,6 +103,24 @@ class LoRALayer(nn.Module):
             raise ValueError(f"layer is merged with {self.merged}; unmerge before switching adapters")
         self.active = dict(weights)
 
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(down, up) = (A, B) of adapter `name`, detached: A (r, in[, kh, kw]), B (out, r[, 1, 1])."""
+        if name not in self.lora_down:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {self.adapters}")
+        return self.lora_down[name].weight.detach(), self.lora_up[name].weight.detach()
+
+    @torch.no_grad()
+    def set_factors(self, name: str, down: Tensor, up: Tensor) -> None:
+        """Copy A (`down`) and B (`up`) into adapter `name`, cast to its dtype; shapes must be the adapter's."""
+        if self.merged:
+            raise ValueError("cannot set the factors of a merged layer; unmerge first")
+        have = self.factors(name)
+        for role, t, want in (("down", down, have[0]), ("up", up, have[1])):
+            if tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"adapter {name!r}: {role} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+        self.lora_down[name].weight.copy_(down)
+        self.lora_up[name].weight.copy_(up)
+
     def delta(self, name: str) -> Tensor:
         """B A of adapter `name` in fp32, shaped like the base weight (without the scaling)."""
         a = self.lora_down[name].weight.float().flatten(1)  # (r, in * kh * kw)
@@ -128,10 +146,15 @@ class LoRALayer(nn.Module):
 
     # ---- merge ----
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the active adapters into the base weight; the original is kept so `unmerge` is bit-exact."""
-        if self.merged or not self.active:
-            return
+    def merge(self, *, permanent: bool = False) -> None:
+        """Fold the active adapters into the base weight; the original is kept so `unmerge` is bit-exact, unless
+        `permanent` (then the merged weight becomes the base and no adapter counts as merged)."""
+        if not self.merged and self.active:
+            self._merge_active()
+        if permanent:
+            self._unmerged_weight, self.merged = None, {}
+
+    def _merge_active(self) -> None:
         if self.weight.dtype in FP8:
             raise ValueError("merging into an fp8-stored weight would lose the adapter; keep it unmerged")
         self._unmerged_weight = self.weight.detach().clone()

@@ -249,3 +249,20 @@ def test_a_training_step_reaches_only_the_selected_adapters():
     before = model.proj.weight.detach().clone()
     opt.step()
     assert torch.equal(model.proj.weight, before) and model.proj.lora_up["default"].weight.abs().sum() > 0
+
+
+def test_factors_are_set_and_read_through_the_layer():
+    layer = lora.LoRALinear(nn.Linear(8, 12))
+    layer.add_adapter("a", 2, dtype=torch.float64)
+    down, up = torch.randn(2, 8), torch.randn(12, 2)
+    layer.set_factors("a", down, up)
+    got = layer.factors("a")
+    assert got[0].dtype == torch.float64 and torch.equal(got[0], down.double()) and torch.equal(got[1], up.double())
+    with pytest.raises(ValueError, match=r"up has shape \(2, 12\), expected \(12, 2\)"):
+        layer.set_factors("a", down, up.T)
+    with pytest.raises(ValueError, match="unknown adapter 'b'"):
+        layer.factors("b")
+    layer.merge(permanent=True)  # the adapter is baked in: nothing is merged any more, unmerge changes nothing
+    w = layer.weight.detach().clone()
+    layer.unmerge()
+    assert not layer.merged and torch.equal(layer.weight, w)
