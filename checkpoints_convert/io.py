@@ -49,6 +49,7 @@ class Checkpoint(dict):
     metadata: dict[str, str]
     config: dict  # the diffusers/transformers `config.json` beside the weights ({} if none)
     quant_types: dict[str, str]  # GGUF files: key -> GGML type (Q8_0, Q4_K, F32, ...) before dequantisation
+    quantized: dict[str, Tensor]  # GGUF with keep_quantized: key -> its GGML blocks (the value: a meta placeholder)
     shard: tuple[int, int, Path | None] | None  # a lone shard (k of n, the index beside it) read as one file
     maps: list[tuple[int, int]]  # (address, bytes) of the private file mappings the tensors view
 
@@ -57,7 +58,7 @@ class Checkpoint(dict):
         self.paths = tuple(Path(p).resolve() for p in paths)
         self.metadata = dict(metadata or {})
         self.maps = []
-        self.config, self.shard, self.quant_types = {}, None, {}
+        self.config, self.shard, self.quant_types, self.quantized = {}, None, {}, {}
 
     def release(self, t: Tensor | None = None) -> None:
         """Drop the resident file pages under `t` (or under every mapping) from this process's memory.
@@ -244,8 +245,9 @@ def _files_of_folder(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no *.safetensors, *.bin or sharded index in this folder{hint}")
 
 
-def load_file(path: str | Path, *, ema: bool = False) -> Checkpoint:
-    """Read a checkpoint (safetensors, sharded index or folder, weights-only pickle) -> state dict, keys as stored."""
+def load_file(path: str | Path, *, ema: bool = False, keep_quantized: bool = False) -> Checkpoint:
+    """Read a checkpoint (safetensors, sharded index or folder, weights-only pickle, GGUF) -> state dict, keys as
+    stored. GGUF tensors are dequantised to float32, or with `keep_quantized` left as blocks in `.quantized`."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -262,8 +264,9 @@ def load_file(path: str | Path, *, ema: bool = False) -> Checkpoint:
         elif f.suffix == ".gguf":
             from checkpoints_convert.gguf import load_gguf
 
-            part, types = load_gguf(f)
+            part, types, blocks = load_gguf(f, keep_quantized)
             out.quant_types.update(types)
+            out.quantized.update(blocks)
         elif f.suffix in PICKLE_SUFFIXES:
             part = _unwrap(_load_pickle(f), f, ema)
         else:

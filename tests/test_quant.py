@@ -108,3 +108,58 @@ def test_a_gguf_flux_loads_into_the_zoo_model(tmp_path):
     args, kwargs = ref.example_inputs(height=32, width=32, txt_len=4)
     with torch.no_grad():
         assert max_rel_err(model(*args, **kwargs), want(*args, **kwargs)) <= 1e-6
+
+
+# where each block format keeps its fp16 scale(s): random bytes elsewhere are valid codes
+HALVES = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q4_1": (0, 4), "Q5_0": (0, 2), "Q5_1": (0, 4), "Q4_K": (0, 4),
+          "Q5_K": (0, 4), "Q6_K": (208, 210), "Q3_K": (108, 110)}
+
+
+@pytest.mark.parametrize("qtype", sorted(HALVES))
+def test_gguf_blocks_decode_in_torch_exactly_as_gguf_does(qtype):
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize as np_dequantize
+
+    from layers.gguf import BLOCKS, DECODERS, dequantize
+
+    per, nbytes = BLOCKS[qtype]
+    raw = np.random.default_rng(2).integers(0, 256, size=(3, 2, nbytes), dtype=np.uint8)
+    a, b = HALVES[qtype]
+    halves = np.array([0.013, -0.0021][: (b - a) // 2], dtype=np.float16)
+    raw[..., a:b] = np.frombuffer(halves.tobytes(), dtype=np.uint8)
+    raw = raw.reshape(3, 2 * nbytes)
+    want = torch.from_numpy(np_dequantize(raw, Q[qtype]))
+    got = dequantize(torch.from_numpy(raw), qtype, (3, 2 * per))
+    assert (qtype in DECODERS) == (qtype != "Q3_K")  # Q3_K: gguf's own decoder, through numpy
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_a_gguf_flux_keeps_its_quantised_linears_and_matches_the_dequantised_load(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    from layers.gguf import GGUFLinear
+
+    ref = randomize(zoo.build("tiny-flux"), seed=4).eval()
+    w = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "flux")
+    for k, v in ref.state_dict().items():
+        kind = Q.Q8_0 if "img_attn" in k else Q.Q4_0
+        if v.ndim == 2 and v.shape[1] % 32 == 0:
+            q = quantize(v.numpy(), kind)
+            w.add_tensor(k, q, raw_shape=q.shape, raw_dtype=kind)
+        else:
+            w.add_tensor(k, v.numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    model = zoo.load(None, tmp_path / "f.gguf")
+    plain = zoo.load(None, tmp_path / "f.gguf", dequantize_gguf=True)
+    quantised = {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    assert "double_blocks.0.img_attn.qkv" in quantised and quantised["double_blocks.0.img_attn.qkv"].qtype == "Q8_0"
+    assert all(m.weight.dtype == torch.uint8 for m in quantised.values())
+    assert not any(isinstance(m, GGUFLinear) for m in plain.modules())
+    size = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    assert size(model) < 0.4 * size(plain)  # 4.5-8.5 bits a weight instead of 32
+    args, kwargs = ref.example_inputs(height=32, width=32, txt_len=4)
+    with torch.no_grad():
+        assert max_rel_err(model(*args, **kwargs), plain(*args, **kwargs)) <= 1e-6
+    bf16 = zoo.load(None, tmp_path / "f.gguf", compute_dtype="bf16")
+    assert all(m.compute_dtype == torch.bfloat16 for m in bf16.modules() if isinstance(m, GGUFLinear))

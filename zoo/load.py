@@ -25,6 +25,7 @@ from checkpoints_convert.keymap import KeyMapError
 from checkpoints_convert.quant import bnb_kind
 from checkpoints_convert.summary import summarize
 from layers.cast import CAST_OF, CASTS, CastLinear, cast_layers
+from layers.gguf import BLOCKS, GGUFLinear, dequantize
 from zoo.registry import build, get_config, list_models
 
 # diffusers drops Sana's `pos_embed` and `y_embedder.y_embedding` (the forward uses neither): its key map remakes
@@ -163,6 +164,30 @@ def _to_official(det: Detection, sub: Mapping[str, Tensor], config: Any = None) 
         raise LoadError(f"cannot convert this {det} checkpoint to the official layout: {e}") from None
 
 
+def _place_gguf(model: nn.Module, sd: Mapping[str, Tensor], ckpt: Checkpoint) -> dict[str, Tensor] | None:
+    """GGUF blocks into the model: each quantised Linear weight stays blocks in a `GGUFLinear` swapped in for the
+    Linear; any other quantised tensor is dequantised here. None where the official layout is no plain renaming of
+    the file's tensors (their placeholders were combined), so the blocks cannot be placed."""
+    of = {id(ckpt[k]): (b, ckpt.quant_types[k]) for k, b in ckpt.quantized.items()}  # placeholder -> its blocks
+    out = dict(sd)
+    for k, v in sd.items():
+        if not v.is_meta:
+            continue
+        if id(v) not in of:
+            return None
+        b, qtype = of[id(v)]
+        owner, _, leaf = k.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if leaf == "weight" and type(module) in (nn.Linear, CastLinear) and qtype in BLOCKS and \
+                module.in_features % BLOCKS[qtype][0] == 0 and tuple(v.shape) == tuple(module.weight.shape):
+            parent, _, child = owner.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, GGUFLinear.like(module, qtype))
+            out[k] = b
+        else:  # embeddings, convs, odd widths: dequantised once
+            out[k] = dequantize(b, qtype, tuple(v.shape))
+    return out
+
+
 def _take_scales(sd: Mapping[str, Tensor], matmul: set[str]) -> tuple[dict[str, Tensor], Mapping[str, Tensor]]:
     """ComfyUI "scaled fp8" files: per-layer `scale_weight` (true weight = fp8 weight * scale), `scale_input`
     (for fp8 matmuls; an upcast matmul needs none) and a `scaled_fp8` marker -> (layer -> scale, the rest)."""
@@ -194,14 +219,18 @@ def load(
     strict: bool = True,
     compute_dtype: str | torch.dtype | None = None,
     ema: bool = False,
+    dequantize_gguf: bool = False,
 ) -> nn.Module | tuple[nn.Module, LoadReport]:
     """Build `spec` (name, YAML, dict, config; None: detect) on meta and assign the checkpoint's tensors.
 
     `dtype` (fp32/bf16/fp16/fp8 or a torch dtype; None keeps the file's) stores the Linear/Conv weights;
     `compute_dtype` makes those layers upcast for each matmul (default for fp8 weights: bfloat16).
+    A GGUF file's quantised Linear weights stay quantised (`layers.gguf.GGUFLinear`, dequantised per matmul into the
+    input's dtype or `compute_dtype`; `dtype` does not apply to them); its other quantised tensors, and all of them
+    with `dequantize_gguf=True`, are dequantised on load.
     The model comes back in eval mode; `strict=False` returns `(model, report)`, zero-filling what is missing.
     """
-    sd = source if isinstance(source, Mapping) else load_file(source, ema=ema)
+    sd = source if isinstance(source, Mapping) else load_file(source, ema=ema, keep_quantized=not dequantize_gguf)
     shard = getattr(sd, "shard", None)
     if shard is not None:
         k, n, index = shard
@@ -222,6 +251,13 @@ def load(
         config = get_config(spec)
         model = build(config, device="meta")
         sd = _official(sd, model.arch, config)
+    blocks = getattr(opened, "quantized", None)
+    if blocks:
+        placed = _place_gguf(model, sd, opened)
+        if placed is None:  # a layout conversion fused quantised tensors: dequantise the file on load instead
+            return load(spec, load_file(source, ema=ema), dtype=dtype, device=device, strict=strict,
+                        compute_dtype=compute_dtype)
+        sd = placed
 
     matmul = {f"{n}.weight".lstrip(".") for n, m in model.named_modules() if type(m) in CAST_OF or isinstance(m, CASTS)}
     scales, sd = _take_scales(sd, matmul)
@@ -232,6 +268,9 @@ def load(
         compute_dtype = dtype if dtype is not None and dtype.itemsize > 1 else torch.bfloat16
     if compute_dtype is not None:
         cast_layers(model, compute_dtype)
+        for m in model.modules():
+            if isinstance(m, GGUFLinear):
+                m.compute_dtype = compute_dtype
 
     expected = model.state_dict()  # meta tensors: names, shapes
     report = LoadReport(
