@@ -175,6 +175,10 @@ SIGNATURES = (  # priority order: the first family matched is the one reported
                                          "encoder.final_layer_norm.weight"),
               lambda s: _text_name(s, {(4096, 24): "t5-xxl"}, "shared.weight",
                                    "encoder.block.{}.layer.0.SelfAttention.q.weight")),
+    Signature("gemma2", "official", ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight",
+                                     "layers.0.pre_feedforward_layernorm.weight", "norm.weight"),
+              lambda s: _text_name(s, {(2304, 26): "gemma2-2b"}, "embed_tokens.weight",
+                                   "layers.{}.self_attn.q_proj.weight")),
 )
 MAIN_FAMILIES = ("flux", "sana", "controlnet", "t2i_adapter", "unet")  # preferred over a VAE in the same file
 

@@ -30,6 +30,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("clip_text", "clip_text", ("checkpoints_convert.text", "clip_text_to_diffusers",
                                       "clip_text_from_diffusers")),
     Family("t5_encoder", "t5_encoder"),
+    Family("gemma2", "gemma2"),
 )}
 FAMILY_OF_ARCH: dict[str, str] = {f.arch: f.name for f in FAMILIES.values()}
 

@@ -275,15 +275,33 @@ def dc_ae_fields(s: Shapes, f: _Fields) -> None:
     f.unknown("scaling_factor", 0.41407 if d_kind == "Conv" else 1.0)  # Sana's release; the mix ones name none
 
 
+def gemma2_fields(s: Shapes, f: _Fields) -> None:
+    vocab, hidden = s["embed_tokens.weight"]
+    q, kv = s["layers.0.self_attn.q_proj.weight"][0], s["layers.0.self_attn.k_proj.weight"][0]
+    f.fields.update(vocab_size=vocab, hidden_size=hidden, intermediate_size=s["layers.0.mlp.gate_proj.weight"][0],
+                    num_hidden_layers=block_count(s, "layers"), attention_bias="layers.0.self_attn.q_proj.bias" in s)
+    # q and k widths are heads x head_dim: the split comes from config.json, else the widest released head dividing both
+    told = f.hints.get("num_attention_heads")
+    head_dim = f.unknown("head_dim", q // told if told else next(d for d in (256, 128, 64, 32, 16, 8, 4, 2, 1)
+                                                                   if q % d == 0 and kv % d == 0))
+    f.fields.update(num_attention_heads=q // head_dim, num_key_value_heads=kv // head_dim)
+    f.unknown("query_pre_attn_scalar", head_dim)  # gemma-2-2b / 9b: the head width
+    f.unknown("sliding_window", 4096)
+    f.unknown("attn_logit_softcapping", 50.0)
+
+
 READERS: dict[str, Callable[[Shapes, _Fields], None]] = {
     "flux": flux_fields, "unet": unet_fields, "controlnet": controlnet_fields, "t2i_adapter": t2i_adapter_fields,
     "sana": sana_fields, "autoencoder": autoencoder_fields, "clip_text": clip_text_fields,
-    "t5_encoder": t5_encoder_fields, "dc_ae": dc_ae_fields,
+    "t5_encoder": t5_encoder_fields, "dc_ae": dc_ae_fields, "gemma2": gemma2_fields,
 }
 # transformers config.json names are the zoo field names of the text encoders: taken as they are
 TEXT_HINTS = {"clip_text": ("num_attention_heads", "hidden_act", "eos_token_id", "bos_token_id", "pad_token_id",
                             "layer_norm_eps"),
-              "t5_encoder": ("feed_forward_proj", "relative_attention_max_distance", "layer_norm_epsilon")}
+              "t5_encoder": ("feed_forward_proj", "relative_attention_max_distance", "layer_norm_epsilon"),
+              "gemma2": ("num_attention_heads", "head_dim", "query_pre_attn_scalar", "sliding_window",
+                         "attn_logit_softcapping", "rms_norm_eps", "hidden_activation", "rope_parameters", "rope_theta",
+                         "layer_types", "pad_token_id", "bos_token_id", "eos_token_id")}
 
 
 def _unet_heads_hint(cfg: Mapping[str, Any], widths: list[int]) -> dict[str, int]:

@@ -10,18 +10,23 @@ class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last dim; statistics in float32, eps 1e-6 as in Flux.
 
     `param_name` is the gain's checkpoint name: `scale` in Flux, `weight` in Sana (`diffusion/model/norms.py`).
+    `unit_offset` (Gemma): the gain is stored as w with scale 1 + w (zeros at init), applied in float32 before the
+    cast back, as Gemma's reference does.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, param_name: str = "scale"):
+    def __init__(self, dim: int, eps: float = 1e-6, param_name: str = "scale", unit_offset: bool = False):
         super().__init__()
         self.eps = eps
         self.param_name = param_name
-        self.register_parameter(param_name, nn.Parameter(torch.ones(dim)))
+        self.unit_offset = unit_offset
+        self.register_parameter(param_name, nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim)))
 
     def forward(self, x: Tensor) -> Tensor:
         x_dtype = x.dtype
         x = x.float()
         rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * rrms * (1.0 + getattr(self, self.param_name).float())).to(x_dtype)
         return (x * rrms).to(dtype=x_dtype) * getattr(self, self.param_name)
 
 

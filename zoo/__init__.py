@@ -15,6 +15,7 @@ from zoo import (  # noqa: F401
     controlnet,
     dc_ae,
     flux,
+    gemma,
     hint_encoder,
     panorama,  # DiT360, a variant of flux
     sana,
