@@ -3,7 +3,7 @@ mixed precision, EMA, LoRA or partial-name trainable sets, DDP/FSDP2 under torch
 
 from __future__ import annotations
 
-from . import objectives, timesteps
+from . import memory, objectives, timesteps
 from .checkpoint import ResumeError, latest_checkpoint
 from .ema import EMA
 from .forwards import flux_forward
@@ -31,6 +31,7 @@ __all__ = [
     "drop_cond",
     "flow_matching",
     "noise_prediction",
+    "memory",
     "objectives",
     "timesteps",
 ]
