@@ -1,7 +1,9 @@
 """LoRA for any `nn.Module`: wrapper layers with named adapters, injection by glob or preset, merge, extraction,
 and the LoRA file formats people exchange (kohya, diffusers/PEFT, XLabs, ComfyUI). Imports no model."""
+from lora.adapters import LoadReport, factors_of, load, save
 from lora.extract import ExtractReport, extract
-from lora.formats import FORMATS, Factor, LoadReport, convert, detect, factors_of, load, save
+from lora.factor import Factor
+from lora.files import FORMATS, convert, detect
 from lora.inject import inject, list_targets, lora_layers, merge, remove, set_adapter, trainable, unmerge
 from lora.layer import LoRAConv2d, LoRALayer, LoRALinear
 from lora.presets import PRESETS

@@ -12,7 +12,8 @@ import torch
 from checkpoints_convert.io import load_file as read_checkpoint
 from checkpoints_convert.io import read_header, save_file
 from lora.extract import extract
-from lora.formats import FORMATS, convert, family_of_checkpoint, load_file, read
+from lora.files import FORMATS, convert, load_file, read
+from lora.names import family_of_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

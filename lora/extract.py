@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from checkpoints_convert.keymap import WRAPPER_PREFIXES
-from lora.formats import Factor, write
+from lora.factor import Factor
+from lora.files import write
 
 _WRAPPERS = WRAPPER_PREFIXES[:2]  # LDM's `model.diffusion_model.`, ComfyUI's `diffusion_model.`
 
