@@ -8,12 +8,12 @@ from torch import Tensor, nn
 
 
 def timestep_embedding(
-    t: Tensor, dim: int, max_period: float = 10000, time_factor: float = 1000.0, keep_dtype: bool = True
+    t: Tensor, dim: int, *, time_factor: float, keep_dtype: bool, max_period: float = 10000
 ) -> Tensor:
     """(N,) timesteps -> (N, dim) embedding, [cos | sin] with frequencies exp(-ln(max_period) * i / (dim/2)).
 
-    Flux: `time_factor=1000` (its t lives in [0, 1]) and the result cast to t's dtype (`keep_dtype`).
-    LDM/SGM UNets and PixArt/Sana: `time_factor=1`, `keep_dtype=False` (always float32).
+    The family settings are explicit: Flux `time_factor=1000` (its t lives in [0, 1]) and the result cast to t's
+    dtype (`keep_dtype=True`); LDM/SGM UNets and PixArt/Sana `time_factor=1`, `keep_dtype=False` (always float32).
     """
     t = time_factor * t
     half = dim // 2

@@ -10,12 +10,8 @@ from torch import Tensor, nn
 
 from layers.attention import attention, key_padding_mask
 from layers.embeddings import timestep_embedding
+from layers.modulation import modulate
 from layers.norms import RMSNorm
-
-
-def t2i_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x * (1 + scale) + shift with (B, 1, C) chunks (PixArt's `t2i_modulate`)."""
-    return x * (1 + scale) + shift
 
 
 def scale_shift_chunks(table: Tensor, t: Tensor, name: str = "scale_shift_table") -> tuple[Tensor, ...]:
@@ -114,7 +110,7 @@ class T2IFinalLayer(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:  # (B, N, D), (B, D) -> (B, N, p*p*C_out)
         shift, scale = scale_shift_chunks(self.scale_shift_table, t, "final_layer.scale_shift_table")
-        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # PixArt's t2i_modulate
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int, pe_interpolation: float = 1.0,
@@ -140,6 +136,6 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int, pe_interpolati
 
 
 __all__ = [
-    "t2i_modulate", "scale_shift_chunks", "t_block", "TimestepEmbedder", "Mlp", "CaptionEmbedder",
+    "scale_shift_chunks", "t_block", "TimestepEmbedder", "Mlp", "CaptionEmbedder",
     "MultiHeadCrossAttention", "T2IFinalLayer", "sincos_pos_embed_2d",
 ]

@@ -8,8 +8,6 @@ from torch import Tensor, nn
 
 def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
     """Rotation matrices for positions (B, L) -> (B, L, dim/2, 2, 2); frequencies in float64 as upstream."""
-    if dim % 2:
-        raise ValueError(f"RoPE axis dimension must be even, got {dim}")
     scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
     omega = 1.0 / (theta**scale)  # (dim/2,)
     out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)  # (B, L, dim/2)
@@ -37,8 +35,7 @@ class EmbedND(nn.Module):
 
     def __init__(self, dim: int, theta: float, axes_dim: list[int]):
         super().__init__()
-        if sum(axes_dim) != dim:
-            raise ValueError(f"axes_dim {list(axes_dim)} sums to {sum(axes_dim)}, expected the head dim {dim}")
+        check_axes(axes_dim, dim)
         self.dim = dim
         self.theta = theta
         self.axes_dim = list(axes_dim)
@@ -48,3 +45,13 @@ class EmbedND(nn.Module):
             raise ValueError(f"position ids have {ids.shape[-1]} axes, expected {len(self.axes_dim)} (axes_dim)")
         emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
         return emb.unsqueeze(1)
+
+
+def check_axes(axes_dim: list[int], head_dim: int, head_dim_is: str | None = None) -> None:
+    """RoPE bands must be even (channel pairs rotate) and fill the head dim; `head_dim_is` says where it comes from."""
+    if sum(axes_dim) != head_dim:
+        expected = f"; expected the head dim {head_dim_is} = {head_dim}" if head_dim_is else ""
+        expected = expected or f", expected the head dim {head_dim}"
+        raise ValueError(f"axes_dim {list(axes_dim)} sums to {sum(axes_dim)}{expected}")
+    if any(d % 2 for d in axes_dim):
+        raise ValueError(f"axes_dim {list(axes_dim)}: every entry must be even (RoPE rotates channel pairs)")

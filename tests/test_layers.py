@@ -12,7 +12,7 @@ from layers.rope import apply_rope
 
 def test_timestep_embedding_flux_form_is_cos_then_sin_with_time_factor_1000():
     t = torch.tensor([0.0, 0.25, 1.0])
-    emb = timestep_embedding(t, 8)
+    emb = timestep_embedding(t, 8, time_factor=1000.0, keep_dtype=True)
     freqs = [math.exp(-math.log(10000) * i / 4) for i in range(4)]
     for row, tv in zip(emb, t.tolist()):
         want = [math.cos(1000 * tv * f) for f in freqs] + [math.sin(1000 * tv * f) for f in freqs]
@@ -25,7 +25,8 @@ def test_timestep_embedding_sd_form_has_no_time_factor_and_stays_float32():
     assert emb.dtype == torch.float32
     assert torch.allclose(emb[1, :3], torch.cos(torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3)])))
     assert emb.shape == (2, 6)
-    assert timestep_embedding(torch.tensor([0.5], dtype=torch.float16), 7).shape == (1, 7)
+    half = torch.tensor([0.5], dtype=torch.float16)
+    assert timestep_embedding(half, 7, time_factor=1000.0, keep_dtype=True).shape == (1, 7)
 
 
 def test_rope_rotates_pairs_like_complex_multiplication():

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from layers.spatial_transformer import BasicTransformerBlock
+from layers import BasicTransformerBlock
 
 KINDS = {"cross": ("attn2",), "self": ("attn1",), "both": ("attn1", "attn2")}
 

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers.checkpoint import Checkpointed
-from layers.updown import Upsample
-from layers.vae_blocks import AttnBlock, Downsample, ResnetBlock, normalize
+from layers import AttnBlock, Checkpointed, ResnetBlock, Upsample, VAEDownsample, normalize
 from zoo.registry import register
 from zoo.tiling import circular_width, tiled
 
@@ -82,8 +80,8 @@ class Level(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, n_blocks: int, resample: type[nn.Module] | None):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks))
-        if resample is Downsample:
-            self.downsample = Downsample(out_ch)
+        if resample is VAEDownsample:
+            self.downsample = VAEDownsample(out_ch)
         elif resample is Upsample:
             self.upsample = Upsample(out_ch, use_conv=True)
 
@@ -108,7 +106,7 @@ class Encoder(Checkpointed, nn.Module):
         last = len(p.ch_mult) - 1
         self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
         self.down = nn.ModuleList(
-            Level(p.ch * in_mult[i], p.ch * m, p.num_res_blocks, Downsample if i < last else None)
+            Level(p.ch * in_mult[i], p.ch * m, p.num_res_blocks, VAEDownsample if i < last else None)
             for i, m in enumerate(p.ch_mult)
         )
         block_in = p.ch * p.ch_mult[-1]

@@ -19,10 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from layers.checkpoint import Checkpointed
-from layers.linear_attention import linear_attention
-from layers.mix_ffn import ConvLayer, GLUMBConv
-from layers.norms import RMSNorm
+from layers import Checkpointed, ConvLayer, GLUMBConv, RMSNorm, linear_attention
 from zoo.dc_ae_config import ACTS, DCAEConfig, DecoderConfig, EncoderConfig, per_stage
 from zoo.registry import register
 

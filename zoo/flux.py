@@ -18,10 +18,12 @@ from layers import (
     Modulation,
     QKNorm,
     attention,
+    check_axes,
     gelu_mlp,
     modulate,
     timestep_embedding,
 )
+from zoo.checks import batch_timesteps, positive_ints
 from zoo.registry import register
 
 
@@ -45,24 +47,7 @@ class FluxParams:
     circular_pad: int = 0
 
     def __post_init__(self):
-        for name in ("in_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"FluxParams.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.depth < 0 or self.depth_single_blocks < 0 or self.circular_pad < 0:
-            raise ValueError("FluxParams.depth, depth_single_blocks and circular_pad must be >= 0")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"FluxParams.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
-                f"expected a multiple of {self.num_heads}"
-            )
-        head_dim = self.hidden_size // self.num_heads
-        if sum(self.axes_dim) != head_dim:
-            raise ValueError(
-                f"FluxParams.axes_dim {list(self.axes_dim)} sums to {sum(self.axes_dim)}; "
-                f"expected the head dim hidden_size / num_heads = {head_dim}"
-            )
-        if any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"FluxParams.axes_dim {list(self.axes_dim)}: every entry must be even")
+        check_params(self)
         if self.out_channels is None:
             self.out_channels = self.in_channels
 
@@ -92,12 +77,17 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", Modulation(hidden_size, double=True))
-            setattr(self, f"{s}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{s}_attn", SelfAttention(hidden_size, num_heads, qkv_bias))
-            setattr(self, f"{s}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{s}_mlp", gelu_mlp(hidden_size, mlp_hidden_dim))
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = gelu_mlp(hidden_size, mlp_hidden_dim)
+
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = gelu_mlp(hidden_size, mlp_hidden_dim)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
@@ -198,12 +188,11 @@ class Flux(Checkpointed, nn.Module):
         y: Tensor,  # (B, vec_in_dim) pooled CLIP features
         guidance: Tensor | None = None,  # (B,) distilled guidance strength
     ) -> Tensor:  # (B, L_img, out_channels)
-        img_ids, txt_ids, timesteps, guidance = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-
+        img_ids, txt_ids, timesteps, guidance = check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance)
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256))
+        vec = self.time_in(timestep_embedding(timesteps, 256, time_factor=1000.0, keep_dtype=True))
         if self.guidance_in is not None:
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256, time_factor=1000.0, keep_dtype=True))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, L, D/2, 2, 2)
@@ -230,49 +219,62 @@ class Flux(Checkpointed, nn.Module):
         ids = img_ids(batch, lh, lw, device=device), txt_ids(batch, txt_len, device=device)
         return (img, ids[0], txt, ids[1], t, y), kwargs
 
-    def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
-        """Clear errors for the mistakes that would otherwise surface as a matmul shape error deep inside."""
-        if img.ndim != 3 or txt.ndim != 3:
+
+# ---- checks: the config, and the inputs at the model's boundary ----
+
+def check_params(p: FluxParams) -> None:
+    """Clear errors for a config that cannot build (named field, expected value)."""
+    positive_ints(p, ("in_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads"))
+    if p.depth < 0 or p.depth_single_blocks < 0 or p.circular_pad < 0:
+        raise ValueError("FluxParams.depth, depth_single_blocks and circular_pad must be >= 0")
+    if p.hidden_size % p.num_heads:
+        raise ValueError(
+            f"FluxParams.hidden_size {p.hidden_size} is not divisible by num_heads {p.num_heads}; "
+            f"expected a multiple of {p.num_heads}"
+        )
+    check_axes(p.axes_dim, p.hidden_size // p.num_heads, "FluxParams.hidden_size / num_heads")
+
+
+def check_inputs(model: Flux, img, img_ids, txt, txt_ids, timesteps, y, guidance):
+    """Clear errors for the mistakes that would otherwise surface as a matmul shape error deep inside.
+
+    Returns the ids as (B, L, 3), timesteps as (B,) and guidance as (B,) (or None without a guidance embedding).
+    """
+    p = model.params
+    if img.ndim != 3 or txt.ndim != 3:
+        raise ValueError(
+            f"img and txt must be (B, L, C) token tensors; got img {tuple(img.shape)}, txt {tuple(txt.shape)} "
+            "(pack latents with zoo.flux.pack)"
+        )
+    b = img.shape[0]
+    if img.shape[-1] != p.in_channels:
+        raise ValueError(f"img has {img.shape[-1]} channels, this Flux expects in_channels={p.in_channels}")
+    if txt.shape[-1] != p.context_in_dim:
+        raise ValueError(f"txt has {txt.shape[-1]} features, this Flux expects context_in_dim={p.context_in_dim}")
+    if txt.shape[0] != b:
+        raise ValueError(f"txt has batch {txt.shape[0]}, img has batch {b}")
+    n_axes = len(p.axes_dim)
+    ids = []
+    for name, t, ids_ in (("img", img, img_ids), ("txt", txt, txt_ids)):
+        if ids_.ndim == 2:
+            ids_ = ids_[None].expand(b, -1, -1)
+        if ids_.ndim != 3 or ids_.shape[0] != b or ids_.shape[1] != t.shape[1] or ids_.shape[2] != n_axes:
             raise ValueError(
-                f"img and txt must be (B, L, C) token tensors; got img {tuple(img.shape)}, txt {tuple(txt.shape)} "
-                "(pack latents with zoo.flux.pack)"
+                f"{name}_ids has shape {tuple(ids_.shape)}, expected ({b}, {t.shape[1]}, {n_axes}) "
+                f"to match {name} {tuple(t.shape)}"
             )
-        b = img.shape[0]
-        if img.shape[-1] != self.in_channels:
-            raise ValueError(f"img has {img.shape[-1]} channels, this Flux expects in_channels={self.in_channels}")
-        if txt.shape[-1] != self.params.context_in_dim:
-            raise ValueError(
-                f"txt has {txt.shape[-1]} features, this Flux expects context_in_dim={self.params.context_in_dim}"
-            )
-        if txt.shape[0] != b:
-            raise ValueError(f"txt has batch {txt.shape[0]}, img has batch {b}")
-        n_axes = len(self.params.axes_dim)
-        ids = []
-        for name, t, ids_ in (("img", img, img_ids), ("txt", txt, txt_ids)):
-            if ids_.ndim == 2:
-                ids_ = ids_[None].expand(b, -1, -1)
-            if ids_.ndim != 3 or ids_.shape[0] != b or ids_.shape[1] != t.shape[1] or ids_.shape[2] != n_axes:
-                raise ValueError(
-                    f"{name}_ids has shape {tuple(ids_.shape)}, expected ({b}, {t.shape[1]}, {n_axes}) "
-                    f"to match {name} {tuple(t.shape)}"
-                )
-            ids.append(ids_)
-        if y.ndim != 2 or y.shape != (b, self.params.vec_in_dim):
-            raise ValueError(f"y has shape {tuple(y.shape)}, expected ({b}, {self.params.vec_in_dim})")
-        timesteps = torch.as_tensor(timesteps, device=img.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.to(img.dtype).expand(b)
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps has shape {tuple(timesteps.shape)}, expected ({b},) or a scalar")
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this Flux has a guidance embedding (guidance-distilled, e.g. flux-dev): "
-                                 "pass guidance=")
-            guidance = torch.as_tensor(guidance, device=img.device, dtype=timesteps.dtype).reshape(-1)
-            if guidance.shape[0] not in (1, b):
-                raise ValueError(f"guidance has shape {tuple(guidance.shape)}, expected ({b},) or a scalar")
-            guidance = guidance.expand(b)
-        return ids[0], ids[1], timesteps, guidance
+        ids.append(ids_)
+    if y.ndim != 2 or y.shape != (b, p.vec_in_dim):
+        raise ValueError(f"y has shape {tuple(y.shape)}, expected ({b}, {p.vec_in_dim})")
+    timesteps = batch_timesteps(timesteps, b, device=img.device, scalar_dtype=img.dtype)
+    if model.guidance_in is not None:
+        if guidance is None:
+            raise ValueError("this Flux has a guidance embedding (guidance-distilled, e.g. flux-dev): pass guidance=")
+        guidance = torch.as_tensor(guidance, device=img.device, dtype=timesteps.dtype).reshape(-1)
+        if guidance.shape[0] not in (1, b):
+            raise ValueError(f"guidance has shape {tuple(guidance.shape)}, expected ({b},) or a scalar")
+        guidance = guidance.expand(b)
+    return ids[0], ids[1], timesteps, guidance
 
 
 # ---- helpers: packing latents into tokens and their position ids ----

@@ -13,20 +13,21 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from layers.checkpoint import Checkpointed
-from layers.linear_attention import LiteLA
-from layers.mix_ffn import GLUMBConv
-from layers.norms import RMSNorm
-from layers.pixart import (
+from layers import (
     CaptionEmbedder,
+    Checkpointed,
+    GLUMBConv,
+    LiteLA,
     MultiHeadCrossAttention,
+    RMSNorm,
     T2IFinalLayer,
     TimestepEmbedder,
+    modulate,
     scale_shift_chunks,
     sincos_pos_embed_2d,
-    t2i_modulate,
     t_block,
 )
+from zoo.checks import batch_timesteps, positive_ints
 from zoo.registry import register
 
 
@@ -70,22 +71,7 @@ class SanaConfig:
     })
 
     def __post_init__(self):
-        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "num_heads", "caption_channels",
-                     "linear_head_dim", "model_max_length"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"SanaConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name, divisor in (("num_heads", self.num_heads), ("linear_head_dim", self.linear_head_dim)):
-            if self.hidden_size % divisor:
-                raise ValueError(f"SanaConfig.hidden_size {self.hidden_size} is not divisible by {name} {divisor}")
-        supported = {"attn_type": ("linear",), "ffn_type": ("glumbconv",), "pos_embed_type": ("sincos",),
-                     "cross_attn_type": ("flash", "linear", "vanilla"), "cfg_embed": (False,), "logvar": (False,)}
-        for name, ok in supported.items():
-            if getattr(self, name) not in ok:
-                raise ValueError(f"SanaConfig.{name}={getattr(self, name)!r} is not supported; expected one of {ok}")
-        if list(self.mlp_acts) != ["silu", "silu", None]:
-            raise ValueError(f"SanaConfig.mlp_acts={list(self.mlp_acts)!r}: only ['silu', 'silu', None] is supported")
-        if self.depth < 0 or self.mlp_ratio <= 0 or self.timestep_norm_scale_factor <= 0:
-            raise ValueError("SanaConfig.depth must be >= 0, mlp_ratio and timestep_norm_scale_factor > 0")
+        check_config(self)
 
 
 class PatchEmbed(nn.Module):
@@ -118,9 +104,9 @@ class SanaMSBlock(nn.Module):
     def forward(self, x: Tensor, y: Tensor, t: Tensor, mask: Tensor | None, hw: tuple[int, int]) -> Tensor:
         """x (B, N, D) image tokens, y (B, L, D) caption, t (B, 6D) from `t_block`, mask (B, L) bool or None."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = scale_shift_chunks(self.scale_shift_table, t)
-        x = x + gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.cross_attn(x, y, mask)
-        return x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp), hw)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), hw)
 
 
 @register("sana", SanaConfig)
@@ -148,13 +134,17 @@ class Sana(Checkpointed, nn.Module):
             for _ in range(p.depth)
         )
         self.final_layer = T2IFinalLayer(d, p.patch_size, self.out_channels)
+        self._weights_checked = False
 
     def forward(self, x: Tensor, timestep: Tensor, y: Tensor, mask: Tensor | None = None,
                 features: Tensor | None = None) -> Tensor:
         """x (B, C, H, W) latents, timestep (B,) or scalar in [0, 1000], y (B, 1, L, C_cap) or (B, L, C_cap),
         mask (B, L) caption keep-mask -> (B, out_channels, H, W). `features` (B, N, D): added to the patch
         tokens (the world model's history encoder)."""
-        x, timestep, y, mask = self._check_inputs(x, timestep, y, mask)
+        if not self._weights_checked and not torch.compiler.is_compiling():
+            check_weights(self)  # once: load_state_dict already refuses mis-shaped tensors
+            self._weights_checked = True
+        x, timestep, y, mask = check_inputs(self, x, timestep, y, mask)
         p = self.params.patch_size
         hw = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.x_embedder(x)  # (B, N, D)
@@ -189,49 +179,69 @@ class Sana(Checkpointed, nn.Module):
         mask = torch.ones(batch, txt_len, dtype=torch.bool, device=device)
         return (x, t, y), {"mask": mask}
 
-    def _check_inputs(self, x, timestep, y, mask):
-        """Clear errors for inputs and weights that would otherwise fail deep inside as a shape mismatch."""
-        p, d = self.params, self.params.hidden_size
-        for name, table, rows in [(f"blocks.{i}.scale_shift_table", b.scale_shift_table, 6)
-                                  for i, b in enumerate(self.blocks)] + \
-                                 [("final_layer.scale_shift_table", self.final_layer.scale_shift_table, 2)]:
-            if tuple(table.shape) != (rows, d):
-                raise ValueError(f"{name} has shape {tuple(table.shape)}, expected ({rows}, {d}) "
-                                 f"for hidden_size={d}")
-        if x.ndim != 4 or x.shape[1] != p.in_channels:
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {p.in_channels}, H, W) latents")
-        b, (h, w) = x.shape[0], x.shape[-2:]
-        if h % p.patch_size or w % p.patch_size:
-            raise ValueError(f"x has latent size {h}x{w}, expected multiples of patch_size={p.patch_size}")
-        if not p.multi_scale and (h != w or (p.use_pe and h != p.input_size)):
-            want = f"{p.input_size}x{p.input_size}" if p.use_pe else "square"
-            raise ValueError(f"x has latent size {h}x{w}; this square-only Sana (multi_scale=false) expects {want}")
-        y_shape = tuple(y.shape)
-        if y.ndim == 4 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 3 or y.shape[0] != b or y.shape[-1] != p.caption_channels:
-            raise ValueError(f"y (caption) has shape {y_shape}, expected ({b}, 1, L, {p.caption_channels}) "
-                             f"or ({b}, L, {p.caption_channels})")
-        if mask is not None:
-            if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
-                mask = mask[:, 0, 0]
-            if mask.ndim != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != y.shape[1]:
-                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({b}, {y.shape[1]}) "
-                                 f"to match the caption y {y_shape}")
-            mask = mask.bool().expand(b, -1)
-            # a fully masked row would make the softmax 0/0 (a data check: skipped on meta)
-            if mask.device.type != "meta" and not mask.any(dim=1).all():
-                raise ValueError(f"mask rows {torch.nonzero(~mask.any(dim=1)).flatten().tolist()} keep no caption "
-                                 "token; keep at least one")
-        timestep = torch.as_tensor(timestep, device=x.device).float()
-        if timestep.ndim == 0:
-            timestep = timestep.expand(b)
-        if timestep.shape != (b,):
-            raise ValueError(f"timestep has shape {tuple(timestep.shape)}, expected ({b},) or a scalar")
-        if p.timestep_norm_scale_factor != 1.0:
-            timestep = timestep / p.timestep_norm_scale_factor
-        dtype = self.x_embedder.proj.weight.dtype
-        return x.to(dtype), timestep, y.to(dtype), mask
+
+# ---- checks: the config, the weights (once) and the inputs at the model's boundary ----
+
+def check_config(c: SanaConfig) -> None:
+    """Clear errors for a config this implementation cannot build (named field, what is supported)."""
+    positive_ints(c, ("input_size", "patch_size", "in_channels", "hidden_size", "num_heads", "caption_channels",
+                      "linear_head_dim", "model_max_length"))
+    for name, divisor in (("num_heads", c.num_heads), ("linear_head_dim", c.linear_head_dim)):
+        if c.hidden_size % divisor:
+            raise ValueError(f"SanaConfig.hidden_size {c.hidden_size} is not divisible by {name} {divisor}")
+    supported = {"attn_type": ("linear",), "ffn_type": ("glumbconv",), "pos_embed_type": ("sincos",),
+                 "cross_attn_type": ("flash", "linear", "vanilla"), "cfg_embed": (False,), "logvar": (False,)}
+    for name, ok in supported.items():
+        if getattr(c, name) not in ok:
+            raise ValueError(f"SanaConfig.{name}={getattr(c, name)!r} is not supported; expected one of {ok}")
+    if list(c.mlp_acts) != ["silu", "silu", None]:
+        raise ValueError(f"SanaConfig.mlp_acts={list(c.mlp_acts)!r}: only ['silu', 'silu', None] is supported")
+    if c.depth < 0 or c.mlp_ratio <= 0 or c.timestep_norm_scale_factor <= 0:
+        raise ValueError("SanaConfig.depth must be >= 0, mlp_ratio and timestep_norm_scale_factor > 0")
+
+
+def check_weights(model: Sana) -> None:
+    """Every adaLN table must fit the config (a hand-assigned parameter is named, not a broadcast error)."""
+    d = model.params.hidden_size
+    tables = [(f"blocks.{i}.scale_shift_table", b.scale_shift_table, 6) for i, b in enumerate(model.blocks)]
+    for name, table, rows in tables + [("final_layer.scale_shift_table", model.final_layer.scale_shift_table, 2)]:
+        if tuple(table.shape) != (rows, d):
+            raise ValueError(f"{name} has shape {tuple(table.shape)}, expected ({rows}, {d}) for hidden_size={d}")
+
+
+def check_inputs(model: Sana, x: Tensor, timestep, y: Tensor, mask: Tensor | None):
+    """Clear errors for inputs that would otherwise fail deep inside as a shape mismatch; returns them normalised."""
+    p = model.params
+    if x.ndim != 4 or x.shape[1] != p.in_channels:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {p.in_channels}, H, W) latents")
+    b, (h, w) = x.shape[0], x.shape[-2:]
+    if h % p.patch_size or w % p.patch_size:
+        raise ValueError(f"x has latent size {h}x{w}, expected multiples of patch_size={p.patch_size}")
+    if not p.multi_scale and (h != w or (p.use_pe and h != p.input_size)):
+        want = f"{p.input_size}x{p.input_size}" if p.use_pe else "square"
+        raise ValueError(f"x has latent size {h}x{w}; this square-only Sana (multi_scale=false) expects {want}")
+    y_shape = tuple(y.shape)
+    if y.ndim == 4 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 3 or y.shape[0] != b or y.shape[-1] != p.caption_channels:
+        raise ValueError(f"y (caption) has shape {y_shape}, expected ({b}, 1, L, {p.caption_channels}) "
+                         f"or ({b}, L, {p.caption_channels})")
+    if mask is not None:
+        if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
+            mask = mask[:, 0, 0]
+        if mask.ndim != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != y.shape[1]:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({b}, {y.shape[1]}) "
+                             f"to match the caption y {y_shape}")
+        mask = mask.bool().expand(b, -1)
+        # a fully masked row would make the softmax 0/0 (a data check: skipped on meta)
+        if mask.device.type != "meta" and not mask.any(dim=1).all():
+            raise ValueError(f"mask rows {torch.nonzero(~mask.any(dim=1)).flatten().tolist()} keep no caption "
+                             "token; keep at least one")
+    timestep = batch_timesteps(timestep, b, device=x.device, dtype=torch.float32, name="timestep")
+    if p.timestep_norm_scale_factor != 1.0:
+        timestep = timestep / p.timestep_norm_scale_factor
+    dtype = model.x_embedder.proj.weight.dtype
+    return x.to(dtype), timestep, y.to(dtype), mask
 
 
 __all__ = ["SanaConfig", "Sana", "SanaMSBlock", "PatchEmbed"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from layers.updown import Downsample
+from layers import Downsample
 from zoo.registry import register
 from zoo.unet_config import InjectionPoint
 

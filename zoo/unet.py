@@ -9,13 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from layers.checkpoint import Checkpointed
-from layers.conv import Conv2d
-from layers.embeddings import timestep_embedding
-from layers.norms import GroupNorm32
-from layers.resblock import ResBlock
-from layers.spatial_transformer import SpatialTransformer
-from layers.updown import Downsample, Upsample
+from layers import (
+    Checkpointed,
+    Conv2d,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    timestep_embedding,
+)
+from zoo.checks import batch_timesteps
 from zoo.registry import register
 from zoo.unet_config import InjectionPoint, UNetConfig, injection_points
 
@@ -107,11 +111,7 @@ class UNetEncoder(Checkpointed, nn.Module):
             raise ValueError(
                 f"x has spatial size {x.shape[2]}x{x.shape[3]}, not divisible by this {name}'s total stride {stride} "
                 f"({len(cfg.channel_mult) - 1} downsamplings); pad or resize to a multiple of {stride}")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(b)
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps has shape {tuple(timesteps.shape)}, expected ({b},) or a scalar")
+        timesteps = batch_timesteps(timesteps, b, device=x.device)
         if cfg.context_dim is not None:
             if context is None:
                 raise ValueError(f"this {name} has cross-attention: pass context of shape (B, T, {cfg.context_dim})")
