@@ -17,16 +17,15 @@ from checkpoints_convert.errors import DetectError
 from checkpoints_convert.families import arch_of, key_map
 from checkpoints_convert.fields import hints_from, read_fields
 from checkpoints_convert.keymap import WRAPPER_PREFIXES
+from checkpoints_convert.lora_kinds import LoRAKind, lora_kind, lora_ranks
 from checkpoints_convert.quant import bnb_kind, unpacked_view
 
 PREFIXES = WRAPPER_PREFIXES
-LORA_MARKS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.",
-              "_lora.up.", ".alpha")
 
 
 @dataclass(frozen=True)
 class Detection:
-    """What `detect` found: `layout` is official/diffusers (for LoRA: kohya/peft/diffusers-legacy)."""
+    """What `detect` found: `layout` is official/diffusers (for a LoRA: its kind's layout, `lora_kinds.KINDS`)."""
 
     family: str
     layout: str
@@ -223,30 +222,24 @@ def _fields(sd: Mapping[str, Tensor], sig: Signature, prefix: str, skip: tuple[s
     return (*read_fields(sig.family, shapes, hints), hints)
 
 
-def _detect_lora(sd: Mapping[str, Tensor]) -> Detection:
-    keys = list(sd)
-    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
-        kind = "kohya"
-    elif any(".lora_A." in k or ".lora_B." in k for k in keys):
-        kind = "peft"
-    else:
-        kind = "diffusers-legacy"
-    joined = " ".join(keys[:200])
+def _detect_lora(sd: Mapping[str, Tensor], kind: LoRAKind) -> Detection:
+    joined = " ".join(list(sd)[:200])
     base = next((fam for fam, pat in (
         ("flux", r"double_blocks|single_blocks"), ("flux", r"single_transformer_blocks"),
         ("sana", r"blocks[._]\d+[._]cross_attn"), ("unet", r"input_blocks|middle_block|down_blocks|mid_block"),
     ) if re.search(pat, joined)), None)
-    ranks = sorted({t.shape[0] for k, t in sd.items() if (".lora_down." in k or ".lora_A." in k) and t.ndim >= 2})
-    return Detection("lora", kind, note=f"base family {base or 'unknown'}, rank(s) {ranks or '?'}",
-                     fields={"base": base, "ranks": ranks})
+    ranks = lora_ranks(sd, kind)
+    note = f"base family {base or 'unknown'}, rank(s) {ranks or '?'}" + (f"; {kind.note}" if kind.note else "")
+    return Detection("lora", kind.layout, note=note, fields={"base": base, "ranks": ranks})
 
 
 def detect(sd: Mapping[str, Tensor]) -> Detection:
     """Family, config name, layout and wrapper prefix of a state dict; `DetectError` naming the nearest families."""
     if not sd:
         raise DetectError("empty state dict: nothing to detect")
-    if any(m in k for k in sd for m in LORA_MARKS):
-        return _detect_lora(sd)
+    kind = lora_kind(sd)
+    if kind is not None:
+        return _detect_lora(sd, kind)
     bnb = bnb_kind(sd)
     if bnb is not None:  # the model under the packing, named with its quantisation
         view = unpacked_view(sd, bnb[1])

@@ -15,16 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from checkpoints_convert.io import load_file as read_checkpoint
+from checkpoints_convert.lora_kinds import FORMATS, KOHYA_PREFIX, XLABS_KEY, lora_kind
 from lora.factor import Factor, join, split
 from lora.inject import list_targets
 from lora.names import UNET_DIFFUSERS, Family, family_of_keys, family_of_model, strip_wrapper
 
-FORMATS = ("ours", "comfy", "kohya", "diffusers", "xlabs")
 _ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
           ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
-_KOHYA = re.compile(r"^lora_(unet|transformer|te\d?)_")
-_XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)\.(down|up)"
-                    r"\.weight$")
 
 
 # ---- reading ----
@@ -32,14 +29,11 @@ _XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.proc
 def detect(sd: dict[str, Tensor]) -> str:
     """The format of a LoRA state dict: one of FORMATS; a ValueError if none fits."""
     keys = list(sd)
-    if any(_XLABS.match(k) for k in keys):
-        return "xlabs"
-    if any(_KOHYA.match(k) and k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
-        return "kohya"
-    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
-        return "diffusers"
-    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
-        return "comfy" if any(k.startswith("diffusion_model.") for k in keys) else "ours"
+    kind = lora_kind(keys)
+    if kind is not None and not kind.readable:
+        raise ValueError(f"this is a {kind.name} LoRA, which lora cannot read: {kind.note}")
+    if kind is not None:
+        return kind.name
     raise ValueError(f"not a LoRA in any known format {FORMATS}: no lora_down/lora_up, lora_A/lora_B or XLabs "
                      f"processor keys among {len(keys)} key(s), e.g. {keys[:5]}")
 
@@ -49,7 +43,7 @@ def _raw_modules(sd: dict[str, Tensor], fmt: str) -> tuple[dict[str, dict], list
     raw, unknown = {}, []
     for k, t in sd.items():
         if fmt == "xlabs":
-            m = _XLABS.match(k)
+            m = XLABS_KEY.match(k)
             if not m:
                 unknown.append(k)
                 continue
@@ -118,8 +112,8 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
     factors, parts = {}, {}
     for mod, p in raw.items():
         name = strip_wrapper(mod)
-        if _KOHYA.match(mod):
-            stem = _KOHYA.sub("", mod)
+        if KOHYA_PREFIX.match(mod):
+            stem = KOHYA_PREFIX.sub("", mod)
             name = underscored.get(stem) if not mod.startswith("lora_te") else None
             if name is None:
                 unmatched.append(mod)
