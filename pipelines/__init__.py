@@ -4,7 +4,8 @@ OmniX perception, ScribbleDiffusion, LBM bridges). Each is a short top-down func
 """
 from __future__ import annotations
 
-from pipelines import bridge, flux, panorama, perception, scribble, sd
+from pipelines import bridge, flux, panorama, perception, sana, scribble, sd
 from pipelines.common import from_pil, load_image, save_png, to_pil
 
-__all__ = ["bridge", "flux", "panorama", "perception", "scribble", "sd", "to_pil", "save_png", "from_pil", "load_image"]
+__all__ = ["bridge", "flux", "panorama", "perception", "sana", "scribble", "sd", "to_pil", "save_png", "from_pil",
+           "load_image"]
