@@ -31,10 +31,11 @@ class LoadReport:
 
 
 def load(model: nn.Module, src: str | os.PathLike | dict[str, Tensor], *, adapter: str = "default",
-         metadata: dict | None = None, strict: bool = False, scale: float = 1.0) -> LoadReport:
+         metadata: dict | None = None, strict: bool = False, multiplier: float = 1.0) -> LoadReport:
     """Read a LoRA (path or state dict, any known format) into adapter `adapter` of `model`.
 
-    Keys that fit no module are listed in the report and warned about; `strict=True` makes them an error.
+    `multiplier`: the user's strength, on top of the file's alpha / rank. Keys that fit no module are listed
+    in the report and warned about; `strict=True` makes them an error.
     """
     sd, file_meta = load_file(src) if isinstance(src, (str, os.PathLike)) else (src, {})
     factors, unmatched, fmt = read(sd, metadata or file_meta, model=model)
@@ -49,7 +50,7 @@ def load(model: nn.Module, src: str | os.PathLike | dict[str, Tensor], *, adapte
         groups.setdefault((f.down.shape[0], f.alpha), []).append(n)
     for (r, alpha), names in groups.items():
         inject(model, names, rank=r, alpha=alpha, conv_rank=r, conv_alpha=alpha, adapter=adapter, init="none",
-               scale=scale)
+               multiplier=multiplier)
     layers = lora_layers(model)
     for n, f in factors.items():
         layers[n].set_factors(adapter, f.down, f.up)

@@ -75,12 +75,13 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def inject(model: nn.Module, targets: str | Iterable[str], *, rank: int, alpha: float | None = None,
            adapter: str = "default", init: str = "zeros", conv_rank: int | None = None,
-           conv_alpha: float | None = None, scale: float = 1.0, dtype: torch.dtype | None = None) -> list[str]:
+           conv_alpha: float | None = None, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> list[str]:
     """Add adapter `adapter` to every linear/conv matching `targets`; returns the patched names.
 
-    `alpha` defaults to the rank (scale 1); k x k convs get `conv_rank` and `conv_alpha` (default `rank`, `alpha`,
-    or the conv rank when neither alpha is given); adapters are stored in the
-    base's dtype (bf16 for an fp8 base) unless `dtype` is given, and compute in it whatever the input's dtype.
+    `alpha` defaults to the rank (alpha / rank 1); `multiplier` is the user's strength on top. k x k convs get
+    `conv_rank` and `conv_alpha` (default `rank`, `alpha`, or the conv rank when neither alpha is given); adapters
+    are stored in the base's dtype (bf16 for an fp8 base) unless `dtype` is given, and compute in it whatever the
+    input's dtype.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
@@ -95,7 +96,7 @@ def inject(model: nn.Module, targets: str | Iterable[str], *, rank: int, alpha: 
         layer = wrap(modules[n])
         is_conv = isinstance(layer.base, nn.Conv2d) and layer.base.kernel_size != (1, 1)
         r, a = ((conv_rank or rank), (alpha if conv_alpha is None else conv_alpha)) if is_conv else (rank, alpha)
-        layer.add_adapter(adapter, r, a, scale=scale, init=init, dtype=dtype)
+        layer.add_adapter(adapter, r, a, multiplier=multiplier, init=init, dtype=dtype)
         if layer is not modules[n]:
             _set(model, n, layer)
     return names
@@ -115,7 +116,7 @@ def _weights(names: str | Sequence[str] | None, weights) -> dict[str, float]:
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str] | None, weights=None) -> None:
-    """Activate one adapter, several with `weights` (the LoRA scale at inference), or none (`None`)."""
+    """Activate one adapter, several with `weights` (each adapter's weight at inference), or none (`None`)."""
     active = _weights(names, weights)
     layers = lora_layers(model)
     if not layers:

@@ -1,4 +1,8 @@
-"""LoRA layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation"): W x + sum_a w_a * (alpha_a / r_a) * B_a A_a x.
+"""LoRA layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation"): W x + sum_a w_a * m_a * (alpha_a / r_a) * B_a A_a x.
+
+Three numbers scale an adapter, each under one name: `alpha_over_rank` (alpha / r, fixed by the file or the
+training), the user's `multiplier` m (kohya's word; set when the adapter is added or loaded) and `total_scale`,
+their product. `set_adapter`'s weights w come on top, per activation.
 
 A `LoRALinear` / `LoRAConv2d` wraps an existing `nn.Linear` / `nn.Conv2d` and *shares* its parameters: the
 wrapper registers the base's own `weight` and `bias` objects under the same names, so the model's state-dict
@@ -37,7 +41,7 @@ class LoRALayer(nn.Module):
         self.lora_up = nn.ModuleDict()
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
-        self.scale: dict[str, float] = {}  # the user's multiplier per adapter (kohya's `multiplier`)
+        self.multiplier: dict[str, float] = {}  # the user's multiplier per adapter (kohya's `multiplier`)
         self.active: dict[str, float] = {}  # adapter -> weight; empty = base only
         self.merged: dict[str, float] = {}  # adapters (and weights) folded into `weight`
         self._unmerged_weight: Tensor | None = None  # exact copy of the base weight while merged
@@ -53,9 +57,9 @@ class LoRALayer(nn.Module):
         return tuple(self.weight.shape)
 
     # ---- adapters ----
-    def add_adapter(self, name: str, rank: int, alpha: float | None = None, *, scale: float = 1.0,
+    def add_adapter(self, name: str, rank: int, alpha: float | None = None, *, multiplier: float = 1.0,
                     init: str = "zeros", dtype: torch.dtype | None = None) -> None:
-        """Add adapter `name` of `rank` (alpha defaults to rank: scale 1); it becomes the one active adapter."""
+        """Add adapter `name` of `rank` (alpha defaults to rank: alpha / rank 1); it becomes the one active adapter."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
         if name in self.lora_down:
@@ -77,7 +81,7 @@ class LoRALayer(nn.Module):
         self.lora_down[name], self.lora_up[name] = down, up
         self.rank[name] = rank
         self.alpha[name] = float(rank if alpha is None else alpha)
-        self.scale[name] = float(scale)
+        self.multiplier[name] = float(multiplier)
         self.active = {name: 1.0}
 
     def delete_adapter(self, name: str) -> None:
@@ -85,15 +89,19 @@ class LoRALayer(nn.Module):
             raise ValueError("cannot delete an adapter of a merged layer; unmerge first")
         for d in (self.lora_down, self.lora_up):
             del d[name]
-        for d in (self.rank, self.alpha, self.scale, self.active):
+        for d in (self.rank, self.alpha, self.multiplier, self.active):
             d.pop(name, None)
 
     @property
     def adapters(self) -> list[str]:
         return list(self.lora_down.keys())
 
-    def scaling(self, name: str) -> float:
-        return self.alpha[name] / self.rank[name] * self.scale[name]
+    def alpha_over_rank(self, name: str) -> float:
+        return self.alpha[name] / self.rank[name]
+
+    def total_scale(self, name: str) -> float:
+        """alpha / rank times the user's multiplier: what B A x is multiplied by (before set_adapter's weight)."""
+        return self.alpha_over_rank(name) * self.multiplier[name]
 
     def set_active(self, weights: dict[str, float]) -> None:
         unknown = [n for n in weights if n not in self.lora_down]
@@ -122,7 +130,7 @@ class LoRALayer(nn.Module):
         self.lora_up[name].weight.copy_(up)
 
     def delta(self, name: str) -> Tensor:
-        """B A of adapter `name` in fp32, shaped like the base weight (without the scaling)."""
+        """B A of adapter `name` in fp32, shaped like the base weight (without any scale)."""
         a = self.lora_down[name].weight.float().flatten(1)  # (r, in * kh * kw)
         b = self.lora_up[name].weight.float().flatten(1)  # (out, r)
         return (b @ a).reshape(self.delta_shape())
@@ -141,7 +149,7 @@ class LoRALayer(nn.Module):
                 continue
             down, up = self.lora_down[name], self.lora_up[name]
             h = up(down(x.to(down.weight.dtype)))
-            out = torch.add(out, h.to(out.dtype), alpha=self.scaling(name) * weight)  # scale fused into the add
+            out = torch.add(out, h.to(out.dtype), alpha=self.total_scale(name) * weight)  # fused into the add
         return out
 
     # ---- merge ----
@@ -160,7 +168,7 @@ class LoRALayer(nn.Module):
         self._unmerged_weight = self.weight.detach().clone()
         total = self.weight.float()
         for name, weight in self.active.items():
-            total = total + self.delta(name) * (self.scaling(name) * weight)
+            total = total + self.delta(name) * (self.total_scale(name) * weight)
         self.weight.copy_(total.to(self.weight.dtype))
         self.merged = dict(self.active)
 

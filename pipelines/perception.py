@@ -49,7 +49,7 @@ def load_adapters(model: nn.Module, files: Mapping[str, str | Path | dict], scal
     clash = sorted(set(files) & have)
     if clash:
         raise ValueError(f"the model already has adapter(s) {clash}; remove them (lora.remove) or use other names")
-    return {task: lora_lib.load(model, src, adapter=task, scale=scale) for task, src in files.items()}
+    return {task: lora_lib.load(model, src, adapter=task, multiplier=scale) for task, src in files.items()}
 
 
 def encode_panorama(parts: FluxParts, panorama: Tensor, device) -> Tensor:

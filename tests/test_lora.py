@@ -266,3 +266,16 @@ def test_factors_are_set_and_read_through_the_layer():
     w = layer.weight.detach().clone()
     layer.unmerge()
     assert not layer.merged and torch.equal(layer.weight, w)
+
+
+def test_alpha_over_rank_multiplier_and_their_product():
+    base = randomize(Tiny(), seed=11)
+    model = copy.deepcopy(base)
+    lora.inject(model, "proj", rank=2, alpha=6, multiplier=0.5)
+    fill_adapter(model, "default", 12)
+    layer = model.proj
+    assert (layer.alpha_over_rank("default"), layer.multiplier["default"], layer.total_scale("default")) == (3, .5, 1.5)
+    x = inputs(5)[0]
+    with torch.no_grad():
+        want = base.proj(x) + 1.5 * (x @ layer.delta("default").T)
+        assert max_rel_err(layer(x), want) <= 1e-6
