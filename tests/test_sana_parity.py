@@ -26,7 +26,7 @@ def peer(patch_size: int, qk_norm: bool, use_pe: bool) -> torch.nn.Module:
 
 def ours(patch_size: int, qk_norm: bool, use_pe: bool) -> torch.nn.Module:
     return zoo.build({**TINY, "patch_size": patch_size, "qk_norm": qk_norm, "cross_norm": qk_norm,
-                      "use_pe": use_pe}).eval()
+                      "use_pe": use_pe, "integer_timesteps": False}).eval()  # diffusers' continuous timesteps
 
 
 @pytest.mark.parametrize("patch_size,qk_norm,use_pe", [(1, False, False), (2, True, False), (1, False, True)])
@@ -50,6 +50,23 @@ def test_sana_matches_diffusers_on_converted_weights(patch_size, qk_norm, use_pe
             assert max_rel_err(got[1], want[1]) <= 1e-5, name  # sample 1 is the one with padded caption tokens
             outs[name] = got
     assert max_rel_err(outs["mask"][1], outs["none"][1]) > 1e-3  # the mask did change the masked sample
+
+
+def test_official_default_truncates_timesteps_to_integers_as_sana_ms_does():
+    ref = peer(1, False, True)
+    sd = sana_from_diffusers(ref.state_dict(), sample_size=8, model_max_length=7)
+    official = zoo.build({**TINY, "patch_size": 1}).eval()  # integer_timesteps defaults to the official True
+    official.load_state_dict(sd, strict=True)
+    continuous = ours(1, False, True)
+    continuous.load_state_dict(sd, strict=True)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(1, 8, 8, 12, generator=g), torch.randn(1, 7, 24, generator=g) * 3  # not the stored-pe size
+    with torch.no_grad():
+        at_937 = ref(x, encoder_hidden_states=y, timestep=torch.tensor([937.0]), return_dict=False)[0]
+        got = official(x, torch.tensor([937.6]), y[:, None])
+        assert torch.equal(got, official(x, torch.tensor([937.0]), y[:, None]))
+        assert max_rel_err(got, at_937) <= 1e-5  # SanaMS at 937.6 = diffusers at 937
+        assert max_rel_err(continuous(x, torch.tensor([937.6]), y[:, None]), got) > 1e-3
 
 
 def test_sana_key_map_round_trips_bit_exactly():

@@ -2,7 +2,8 @@
 
 Parameter names are the official ones (`SanaMS`), so a released Sana checkpoint loads with `strict=True`.
 The arch `sana` is the multi-scale model (any H x W per call); `multi_scale: false` is the square-only original.
-Timesteps are used as given (continuous, as diffusers does); the official SanaMS truncates them to integers.
+Timesteps are truncated to integers as the official SanaMS does (`timestep.long()`; it was trained on integer
+timesteps); `integer_timesteps: false` uses them as given (continuous, as diffusers does).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class SanaConfig:
     logvar: bool = False
     timestep_norm_scale_factor: float = 1.0
     multi_scale: bool = True
+    integer_timesteps: bool = True  # official: timestep.long(); False = diffusers' continuous timesteps
 
     # official arguments that only steer training, kernels or logging
     IGNORED_FIELDS: ClassVar[frozenset] = frozenset({
@@ -156,6 +158,10 @@ class Sana(Checkpointed, nn.Module):
         if self.params.use_pe:
             x = x + sincos_pos_embed_2d(x.shape[-1], *hw, self.base_size, self.params.pe_interpolation,
                                         device=x.device).to(x.dtype)
+        if self.params.timestep_norm_scale_factor != 1.0:  # Sana-Sprint: continuous, rescaled
+            timestep = timestep / self.params.timestep_norm_scale_factor
+        elif self.params.integer_timesteps:  # the official SanaMS was trained on integer timesteps
+            timestep = timestep.long().float()
         t = self.t_embedder(timestep)  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
         y = self.y_embedder(y)  # (B, L, D)
@@ -238,8 +244,6 @@ def check_inputs(model: Sana, x: Tensor, timestep, y: Tensor, mask: Tensor | Non
             raise ValueError(f"mask rows {torch.nonzero(~mask.any(dim=1)).flatten().tolist()} keep no caption "
                              "token; keep at least one")
     timestep = batch_timesteps(timestep, b, device=x.device, dtype=torch.float32, name="timestep")
-    if p.timestep_norm_scale_factor != 1.0:
-        timestep = timestep / p.timestep_norm_scale_factor
     dtype = model.x_embedder.proj.weight.dtype
     return x.to(dtype), timestep, y.to(dtype), mask
 
