@@ -25,6 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 def select(sd: Mapping[str, Tensor], family: str | None = None,
            det: Detection | None = None) -> tuple[Detection, dict[str, Tensor]]:
     """The model (of `family`, if given) with its wrapper prefix stripped; `det`: `detect(sd)` if already run."""
+    if family is not None and family not in FAMILIES:
+        raise CheckpointError(f"unknown family {family!r}; known families: {', '.join(sorted(FAMILIES))}")
     det = detect(sd) if det is None else det
     if family is not None and det.family != family:
         found = [d for d in detect_all(sd) if d.family == family]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from checkpoints_convert.io import load_file as read_checkpoint
 from checkpoints_convert.io import read_header, save_file
@@ -15,6 +18,7 @@ from lora.extract import extract
 from lora.files import FORMATS, convert, load_file, read
 from lora.names import family_of_checkpoint
 
+_UNET_KOHYA = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)_")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -36,13 +40,23 @@ def _check_out(out: str, *inputs: str) -> Path:
     return o
 
 
-def _bar(i: int, n: int, name: str) -> None:
-    width = 30
-    done = width * i // max(n, 1)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {name[:60]:<60}")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class _Bar:
+    """Weights read: a tqdm bar on a terminal; in a redirected log one line at the end (no `\\r` frames)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, i: int, n: int, name: str) -> None:
+        if not sys.stderr.isatty():
+            if i == n:
+                sys.stderr.write(f"read {n}/{n} weights\n")
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=n, unit="weight", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(name[-60:], refresh=False)
+        self.bar.update(i - self.bar.n)
+        if i == n:
+            self.bar.close()
 
 
 def cmd_extract(a) -> None:
@@ -51,9 +65,13 @@ def cmd_extract(a) -> None:
     conv = None if a.conv_rank in (None, "full") else int(a.conv_rank)
     if a.conv_rank is None:
         conv = rank
-    sd, report = extract(_checkpoint(a.base), _checkpoint(a.tuned), rank=rank, conv_rank=conv,
-                         clamp_quantile=a.clamp_quantile, min_diff=a.min_diff, method=a.method, device=a.device,
-                         dtype=DTYPES.get(a.dtype), format=a.format, progress=None if a.quiet else _bar)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd, report = extract(_checkpoint(a.base), _checkpoint(a.tuned), rank=rank, conv_rank=conv,
+                             clamp_quantile=a.clamp_quantile, min_diff=a.min_diff, method=a.method, device=a.device,
+                             dtype=DTYPES.get(a.dtype), format=a.format, progress=None if a.quiet else _Bar())
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     save_file(sd, out, {"format": "pt", "lora_format": a.format})
     text = str(report).splitlines()
     print("\n".join(text if a.verbose else text[:1] + sorted(text[1:-1], key=lambda r: -float(r.split()[-1]))[:10]
@@ -78,8 +96,13 @@ def cmd_inspect(a) -> None:
         shape = "x".join(str(d) for d in (f.up.shape[0], *f.down.shape[1:]))
         print(f"  {n:<60} rank {f.down.shape[0]:>4}  alpha {alpha:<8g} delta {shape}")
     if unmatched:
-        print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}"
-              + ("" if a.base else "; --base CHECKPOINT maps a UNet's names"))
+        print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}")
+    if unmatched and not a.base and fmt == "kohya" and any(_UNET_KOHYA.match(k) for k in unmatched):
+        print("these are kohya names of UNet modules (dots written as underscores): which module each one is "
+              "depends on the UNet's block structure, so module names need the base model: pass --base CHECKPOINT "
+              "(the base UNet's .safetensors; only its header is read)")
+    elif unmatched and not a.base:
+        print("--base CHECKPOINT maps a UNet's names")
 
 
 def cmd_convert(a) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,4 +124,7 @@ def extract(base_sd, tuned_sd, *, rank: int | None = 32, conv_rank: int | None =
         factors[name] = Factor(down.to("cpu", out).contiguous(), up.to("cpu", out).contiguous(), None)
     if progress:
         progress(len(keys), len(keys), "")
+    if not factors:
+        warnings.warn(f"the LoRA is empty: base and tuned differ by at most min_diff={min_diff:g} in every one of "
+                      f"{len(report.unchanged)} linear/conv weight(s) (are they the same checkpoint?)", stacklevel=2)
     return write(factors, format)[0], report

@@ -100,3 +100,10 @@ def test_progress_in_a_redirected_log_is_one_line_with_no_carriage_returns(flux_
     assert main([str(src), str(src.with_name("d.safetensors")), "--to", "diffusers"]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and err.count("100%") == 1
+
+
+def test_unknown_family_lists_the_known_ones(flux_file, capsys):
+    src, _ = flux_file
+    assert main([str(src), str(src.with_name("x.safetensors")), "--to", "diffusers", "--family", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown family 'nosuch'; known families:" in err and "flux" in err and "unet" in err
