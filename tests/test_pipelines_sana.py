@@ -6,7 +6,7 @@ import torch
 from conftest import max_rel_err, randomize
 from test_dc_ae import PEERS
 from test_dc_ae import tiny as tiny_dc_ae
-from test_text_sana import gemma_tokenizer_folder
+from test_text_sana import gemma_pair, gemma_tokenizer_folder
 
 import pipelines.sana as sana_pipe
 import zoo
@@ -30,10 +30,7 @@ GEMMA = dict(vocab_size=700, hidden_size=CAPTION, intermediate_size=32, num_hidd
 def systems(tmp_path_factory):
     """(our SanaParts, diffusers' SanaPipeline) holding the same random weights."""
     folder = gemma_tokenizer_folder(tmp_path_factory.mktemp("gemma_tok"))
-    hf_cfg = transformers.Gemma2Config(**GEMMA, attn_implementation="eager")
-    gemma = randomize(zoo.build({"arch": "gemma2", **hf_cfg.to_dict()}).eval(), seed=5)
-    peer_gemma = transformers.Gemma2Model(hf_cfg).eval()
-    peer_gemma.load_state_dict(gemma.state_dict())
+    gemma, peer_gemma = gemma_pair(GEMMA)
 
     model = randomize(zoo.build(SANA).eval(), seed=6, std=0.1)
     peer_model = diffusers.SanaTransformer2DModel(

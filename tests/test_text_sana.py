@@ -32,13 +32,19 @@ def gemma_tokenizer_folder(tmp_path):
     )
 
 
+def gemma_pair(fields: dict, seed: int = 5) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our Gemma-2 with random weights and transformers' Gemma2Model holding the same ones."""
+    hf_cfg = transformers.Gemma2Config(**fields, attn_implementation="eager")
+    ours = randomize(zoo.build({"arch": "gemma2", **hf_cfg.to_dict()}).eval(), seed=seed)
+    peer = transformers.Gemma2Model(hf_cfg).eval()
+    peer.load_state_dict(ours.state_dict())
+    return ours, peer
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     folder = gemma_tokenizer_folder(tmp_path_factory.mktemp("gemma_tok"))
-    hf_cfg = transformers.Gemma2Config(**GEMMA, attn_implementation="eager")
-    ours = randomize(zoo.build({"arch": "gemma2", **hf_cfg.to_dict()}).eval(), seed=5)
-    peer = transformers.Gemma2Model(hf_cfg).eval()
-    peer.load_state_dict(ours.state_dict())
+    ours, peer = gemma_pair(GEMMA)
     ref_tok = transformers.GemmaTokenizer.from_pretrained(str(folder), add_bos_token=True)
     pipe = diffusers.SanaPipeline(tokenizer=ref_tok, text_encoder=peer, vae=None, transformer=None, scheduler=None)
     return ours, tokenizers.gemma(folder), pipe
