@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pipelines import bridge, flux, panorama, perception, sana, scribble, sd
 from pipelines.common import from_pil, load_image, save_png, to_pil
+from pipelines.load import MissingComponent, load  # the function shadows the module name: pipelines.load(...)
 
 __all__ = ["bridge", "flux", "panorama", "perception", "sana", "scribble", "sd", "to_pil", "save_png", "from_pil",
-           "load_image"]
+           "load_image", "load", "MissingComponent"]
