@@ -1,12 +1,11 @@
 """`zoo.trace` on real and meta tensors, and the `python -m zoo` command line."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
+import pytest
 import torch
 
 import zoo
+from zoo.__main__ import main
 
 
 def test_full_size_flux_traces_on_meta_with_no_weights():
@@ -33,21 +32,52 @@ def test_trace_table_and_depth_limit():
     assert not model._forward_hooks and not model.img_in._forward_pre_hooks  # hooks removed
 
 
-def run_cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+def run_cli(capsys, *args: str) -> str:
+    """`python -m zoo ARGS` in this process (a subprocess would only add torch's import time)."""
+    assert main(list(args)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
 
 
-def test_cli_list_and_trace():
-    assert "flux-dev" in run_cli("list").split()
-    out = run_cli("trace", "tiny-flux", "--height", "64", "--width", "128", "--depth", "2")
+def cli_error(capsys, *args: str) -> tuple[int, str]:
+    """Exit status and stderr of a failing `python -m zoo ARGS` (argparse's own errors exit via SystemExit)."""
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_list_and_trace(capsys):
+    assert "flux-dev" in run_cli(capsys, "list").split()
+    out = run_cli(capsys, "trace", "tiny-flux", "--height", "64", "--width", "128", "--depth", "2")
     assert "final_layer" in out and "1x32x16" in out
     assert out.strip().endswith("parameters (0.00 B)")
 
 
-def test_cli_reports_bad_names_and_sizes_without_a_traceback():
+def test_cli_reports_bad_names_and_sizes_without_a_traceback(capsys):
     for args, message in ((["trace", "flux-deb"], "did you mean flux-dev"),
                           (["trace", "tiny-flux", "--height", "100"], "multiples of 16 pixels, got 100x1024")):
-        done = subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+        code, err = cli_error(capsys, *args)
+        assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value", [("--height", "-16"), ("--width", "0"), ("--batch", "0"), ("--depth", "-1"),
+                                         ("--batch", "two")])
+def test_cli_refuses_zero_negative_or_non_integer_sizes(capsys, flag, value):
+    code, err = cli_error(capsys, "trace", "tiny-flux", flag, value)
+    assert code == 2 and f"argument {flag}:" in err and value in err and "Traceback" not in err
+
+
+def test_cli_header_says_what_was_traced_and_labels_the_model_inputs(capsys):
+    out = run_cli(capsys, "trace", "tiny-flux", "--height", "64", "--width", "128", "--batch", "2", "--txt-len", "5",
+                  "--depth", "1")
+    first, _, _, model_row = out.splitlines()[:4]
+    assert first == "tiny-flux (Flux): 64x128 px, text length 5, batch 2, device meta, dtype float32"
+    assert model_row.split()[:2] == ["(model)", "Flux"]
+    assert "img=2x32x16, img_ids=2x32x3, txt=2x5x48, txt_ids=2x5x3, timesteps=2, y=2x32" in model_row
+    assert "no text" in run_cli(capsys, "trace", "tiny-vae", "--height", "32", "--width", "32", "--depth", "1")
+
+
+def test_cli_traces_dit360_on_meta(capsys):
+    out = run_cli(capsys, "trace", "dit360", "--height", "256", "--width", "512", "--txt-len", "8", "--depth", "1")
+    assert out.startswith("dit360 (DiT360): 256x512 px") and "img=1x512x64" in out and "1x544x64" in out

@@ -5,7 +5,8 @@ Works on `meta` tensors, so a full-size model traces with no weights: `zoo.trace
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ class TraceRow:
     inputs: list[tuple[int, ...]]
     outputs: list[tuple[int, ...]]
     params: int
+    input_names: list[str] = field(default_factory=list)  # the forward's argument names (the model's own row)
 
 
 class Trace:
@@ -50,9 +52,15 @@ class Trace:
         return len(self.rows)
 
     def __str__(self) -> str:
-        fmt = lambda shapes: ", ".join("x".join(map(str, s)) or "scalar" for s in shapes) or "-"
+        def fmt(shapes, names=()):
+            text = ["x".join(map(str, s)) or "scalar" for s in shapes]
+            if len(names) == len(text):
+                text = [f"{n}={t}" for n, t in zip(names, text)]
+            return ", ".join(text) or "-"
+
         table = [("path", "type", "inputs", "outputs", "params")]
-        table += [(r.path or "(model)", r.type, fmt(r.inputs), fmt(r.outputs), f"{r.params:,}") for r in self.rows]
+        table += [(r.path or "(model)", r.type, fmt(r.inputs, r.input_names), fmt(r.outputs), f"{r.params:,}")
+                  for r in self.rows]
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  for row in table]
@@ -89,7 +97,20 @@ def trace(model: nn.Module, *args, max_depth: int | None = None, **kwargs) -> Tr
     finally:
         for h in handles:
             h.remove()
+    if rows and rows[0].path == "":
+        rows[0].input_names = _input_names(model, args, kwargs)
     return Trace(rows, output)
+
+
+def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """One name per input tensor of the model's call, in the order `_shapes` lists them (`y[1]` inside a list)."""
+    params = list(inspect.signature(model.forward).parameters)
+    names = []
+    for name, value in [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)] + \
+            list(kwargs.items()):
+        n = len(_shapes(value))
+        names += [name] if n == 1 and isinstance(value, Tensor) else [f"{name}[{i}]" for i in range(n)]
+    return names
 
 
 def example_inputs(model: nn.Module, **kwargs) -> tuple[tuple, dict]:
