@@ -2,9 +2,9 @@
 noise on the f32c32 latent grid, flow DPM-Solver++ (2M) on the shifted `time_uniform_flow` grid with classifier-free
 guidance on [negative, prompt], DC-AE decode.
 
-The model sees timestep int(1000 t) by default: official SanaMS truncates its timestep to an integer, and
-diffusers' SanaPipeline (DPMSolverMultistepScheduler with flow sigmas) feeds the same integers while stepping with
-the continuous sigmas. `integer_timesteps=False` passes 1000 t unrounded (diffusers' flow-match Euler schedulers).
+The model gets timestep 1000 t; a Sana built with the official `integer_timesteps: true` (the default) truncates
+it to an integer as SanaMS does, which is also what diffusers' SanaPipeline feeds (DPMSolverMultistepScheduler with
+flow sigmas: integer timesteps, continuous sigmas for the steps).
 """
 from __future__ import annotations
 
@@ -89,7 +89,6 @@ def generate(
     batch: int = 1,
     latents: Tensor | None = None,
     max_length: int = 300,
-    integer_timesteps: bool = True,
     callback: Callback = None,
     progress: bool = True,
 ) -> Tensor:  # (B, 3, height, width) in [0, 1]
@@ -126,9 +125,8 @@ def generate(
     schedule = samplers.FlowSchedule(shift=shift, spacing="time_uniform_flow")
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        timestep = t * schedule.num_train_timesteps
-        timestep = timestep.trunc() if integer_timesteps else timestep
-        return model(x.to(dtype), timestep, y, mask=mask)[:, :c].float()  # learned-sigma channels dropped
+        out = model(x.to(dtype), t * schedule.num_train_timesteps, y, mask=mask)  # (2B or B, C_out, h, w)
+        return out[:, :c].float()  # learned-sigma channels dropped
 
     with on_device(parts, "model"):
         x = run_sampler(model_fn, noise, sampler=sampler, schedule=schedule, steps=steps, guidance=guided,
