@@ -7,7 +7,7 @@ setup(
     description="A from-scratch, pure-PyTorch model zoo for diffusion research.",
     packages=find_packages(include=[f"{p}{s}" for p in ("zoo", "layers", "samplers", "lora", "checkpoints_convert",
                                                        "configs", "pipelines", "train") for s in ("", ".*")]),
-    package_data={"configs": ["*.yaml"]},
+    package_data={"configs": ["*.yaml", "recipes/*.yaml"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=["torch", "einops", "safetensors", "numpy", "pyyaml", "tqdm"],

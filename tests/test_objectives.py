@@ -139,6 +139,8 @@ def test_cond_drop_replaces_whole_samples_with_the_null_condition():
     assert abs(dropped.float().mean().item() - 0.25) < 0.03
     d = train.drop_cond({"context": cond, "y": torch.ones(4000, 2), "name": "x"}, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal((d["context"] == 0).all(dim=(1, 2)), (d["y"] == 0).all(dim=1)) and d["name"] == "x"
+    only = train.drop_cond({"context": cond, "hint": cond}, 0.5, torch.Generator().manual_seed(0), keys=["context"])
+    assert (only["context"] == 0).all(dim=(1, 2)).any() and torch.equal(only["hint"], cond)  # the hint stays
     # the objective draws the mask after times and noise, from the same generator
     seen = {}
     obj = train.flow_matching(cond_drop=0.5, null_cond=torch.full((2,), -7.0))

@@ -15,7 +15,7 @@ draws one process would.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,15 @@ TrainModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 
 def drop_cond(
-    cond: Any, p: float, generator: torch.Generator | None = None, null: Any = None, shard: tuple[int, int] = (0, 1)
+    cond: Any, p: float, generator: torch.Generator | None = None, null: Any = None, shard: tuple[int, int] = (0, 1),
+    keys: Sequence[str] | None = None,
 ) -> Any:
     """Replace each sample's condition by `null` with probability p, for classifier-free guidance training.
 
     `cond` is a tensor with the batch on dim 0, a dict of such tensors, or None. `null` is the unconditional
     value (a tensor broadcastable to one sample's condition, or a dict of them per key); zeros where not given.
     `shard=(rank, world)`: `cond` is this process's slice of a global batch; the mask is the global one's slice.
+    `keys`: for a dict, only these entries are dropped (the text, say, while a sketch hint stays); default all.
     """
     if cond is None or p == 0:
         return cond
@@ -46,7 +48,9 @@ def drop_cond(
             raise TypeError("cond_drop needs tensors in the condition dict; it holds none")
         keep = _draw(torch.rand, (tensors[0].shape[0],), shard, generator, tensors[0].device) >= p  # (B,)
         nulls = null if isinstance(null, dict) else {}
-        return {k: _where(keep, v, nulls.get(k)) if isinstance(v, Tensor) else v for k, v in cond.items()}
+        drop = set(cond) if keys is None else set(keys)
+        return {k: _where(keep, v, nulls.get(k)) if isinstance(v, Tensor) and k in drop else v
+                for k, v in cond.items()}
     if not isinstance(cond, Tensor):
         raise TypeError(f"cond_drop works on a tensor or a dict of tensors, got {type(cond).__name__}")
     keep = _draw(torch.rand, (cond.shape[0],), shard, generator, cond.device) >= p
@@ -82,7 +86,8 @@ class Objective:
     `BridgeSchedule` the path starts from `source` instead of noise (LBM): x_t = (1 - t) x0 + t source + b_t eps
     and the target is source - x0. `min_snr_gamma` weights each sample by min(SNR, gamma) in x0-error units
     (Hang et al. 2023: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v). `cond_drop` replaces the condition by
-    `null_cond` with that probability per sample (classifier-free guidance training).
+    `null_cond` with that probability per sample (classifier-free guidance training); `cond_drop_keys` limits it to
+    those entries of a dict condition.
     """
 
     schedule: Schedule
@@ -90,6 +95,7 @@ class Objective:
     min_snr_gamma: float | None = None
     cond_drop: float = 0.0
     null_cond: Any = field(default=None, repr=False)
+    cond_drop_keys: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, Schedule):
@@ -138,7 +144,7 @@ class Objective:
         B = x0.shape[0]
         t = self.timesteps.sample(B * world, generator, x0.device)[rank * B : (rank + 1) * B]  # (B,)
         noise = _draw(torch.randn, tuple(x0.shape), shard, generator, x0.device, dtype=x0.dtype)
-        cond = drop_cond(cond, self.cond_drop, generator, self.null_cond, shard)
+        cond = drop_cond(cond, self.cond_drop, generator, self.null_cond, shard, self.cond_drop_keys)
         x_t, target, weight = self.path(x0, noise, t, source)
         pred = model_fn(x_t, t, cond)
         if pred.shape != target.shape:
