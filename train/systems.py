@@ -104,8 +104,7 @@ def scribble(recipe: dict[str, Any]):
     dropped (replaced by the empty caption's states) with probability `objective.cond_drop`, the sketch never."""
     args = fit_arguments(recipe)
     device, models = device_of(recipe), recipe["models"]
-    unet = zoo.build(models["unet"] if isinstance(models["unet"], str) else models["unet"]["config"],
-                     device=device, **({} if isinstance(models["unet"], str) else models["unet"].get("set") or {}))
+    unet = part(models["unet"], "unet", device)  # from scratch unless weights are given; fit unfreezes it
     hint = HintEncoder.for_unet(unet, **(models.get("hint_encoder") or {}))
     vae = part(models["vae"], "vae", device)
     text = text_encoders(recipe, device, ("clip",))
