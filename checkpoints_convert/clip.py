@@ -51,6 +51,11 @@ def _strip(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k: v for k, v in sub.items() if k not in IGNORED}
 
 
+def is_openclip(sd: Mapping[str, Tensor], prefix: str = "") -> bool:
+    """Whether the keys under `prefix` are an OpenCLIP text tower (fused in_proj blocks, a bare positional table)."""
+    return f"{prefix}positional_embedding" in sd or any(k.startswith(f"{prefix}transformer.resblocks.") for k in sd)
+
+
 def openclip_to_transformers(sd: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
     """OpenCLIP text tower keys (under `prefix`, e.g. `SD2_PREFIX`) -> transformers CLIP text keys."""
     out, left = {}, []
@@ -124,5 +129,6 @@ def text_encoders(sd: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return found
 
 
-__all__ = ["SD1_PREFIX", "SD2_PREFIX", "SDXL_L_PREFIX", "SDXL_G_PREFIX", "IGNORED", "openclip_to_transformers",
+__all__ = ["SD1_PREFIX", "SD2_PREFIX", "SDXL_L_PREFIX", "SDXL_G_PREFIX", "IGNORED", "is_openclip",
+           "openclip_to_transformers",
            "transformers_to_openclip", "ldm_clip_to_transformers", "transformers_to_ldm_clip", "text_encoders"]

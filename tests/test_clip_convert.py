@@ -105,3 +105,31 @@ def test_clip_layout_errors_name_the_keys():
     del sd["text_model.encoder.layers.0.self_attn.k_proj.weight"]
     with pytest.raises(KeyMapError, match=r"layer 0: self_attn weight lacks \['k_proj'\]"):
         cc_clip.transformers_to_openclip(sd)
+
+
+def test_openclip_tower_is_detected_converted_and_loaded_by_zoo_load():
+    import checkpoints_convert as cc
+
+    ref = hf_clip(with_projection=True)
+    ckpt = cc_clip.transformers_to_openclip(state(ref), cc_clip.SDXL_G_PREFIX)
+    ckpt[cc_clip.SDXL_G_PREFIX + "logit_scale"] = torch.tensor(4.6)
+    tower = {k.removeprefix(cc_clip.SDXL_G_PREFIX): v for k, v in ckpt.items()}  # as a loader splits the checkpoint
+    det = cc.detect(tower)
+    assert (det.family, det.layout, det.config) == ("clip_text", "openclip", None)
+    assert same(dict(cc.convert(tower, to="official")), state(ref))
+    ids = torch.randint(3, 99, (2, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="assumed"):
+        guessed = zoo.load(None, tower)  # fields off the shapes; heads and eos pooling assumed as released
+    g = guessed.config
+    assert (g.hidden_size, g.num_hidden_layers, g.with_projection) == (32, 3, True)
+    ours = zoo.load({"arch": "clip_text", **TINY, "with_projection": True}, tower)
+    with torch.no_grad():
+        assert max_rel_err(ours(ids)[1], ref(ids).text_embeds) <= 1e-5
+
+
+def test_full_size_openclip_towers_are_named_by_detect():
+    import checkpoints_convert as cc
+
+    for name in ("clip-h", "clip-g"):
+        meta = zoo.build(name, device="meta").state_dict()
+        assert cc.detect(cc_clip.transformers_to_openclip(meta)).config == name
