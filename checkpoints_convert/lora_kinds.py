@@ -25,10 +25,16 @@ class LoRAKind:
     matches: Callable[[list[str]], bool]
     down: tuple[str, ...] = ()  # key endings of the (rank, in) factor: where the ranks are read
     readable: bool = True  # False: recognised, so named in errors, but `lora` cannot read it
+    writable: bool = True  # a format `lora` writes (LoHa / LoKr are read and applied only)
     note: str = ""
 
 
 KINDS: tuple[LoRAKind, ...] = (
+    # LyCORIS (kohya-style or official module names, `.alpha` keys); a file may mix them with plain LoRA modules
+    LoRAKind("loha", "loha", lambda keys: any(k.endswith(".hada_w1_a") for k in keys), (".hada_w1_b",),
+             writable=False),
+    LoRAKind("lokr", "lokr", lambda keys: any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in keys),
+             (".lokr_w1_b", ".lokr_w2_b"), writable=False),
     LoRAKind("xlabs", "xlabs", lambda keys: any(XLABS_KEY.match(k) for k in keys), (".down.weight",)),
     LoRAKind("kohya", "kohya", lambda keys: any(KOHYA_PREFIX.match(k) and k.endswith(DOWN_UP) for k in keys),
              (".lora_down.weight",)),
@@ -42,7 +48,7 @@ KINDS: tuple[LoRAKind, ...] = (
              note="diffusers' old attention-processor LoRA (to_q_lora.down.weight); load it in diffusers and save "
                   "it again (save_lora_weights) to get a file `lora` reads"),
 )
-FORMATS = tuple(k.name for k in KINDS if k.readable)
+FORMATS = tuple(k.name for k in KINDS if k.readable and k.writable)
 
 
 def lora_kind(keys: Iterable[str]) -> LoRAKind | None:

@@ -15,7 +15,9 @@ from tqdm import tqdm
 from checkpoints_convert.io import load_file as read_checkpoint
 from checkpoints_convert.io import read_header, save_file
 from lora.extract import extract
+from lora.factor import Factor
 from lora.files import FORMATS, convert, load_file, read
+from lora.lycoris import Lycoris
 from lora.names import family_of_checkpoint
 
 _UNET_KOHYA = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)_")
@@ -84,17 +86,26 @@ def _family(base: str | None):
     return family_of_checkpoint({k: tuple(v["shape"]) for k, v in read_header(base)[0].items()}) if base else None
 
 
+def _row(f: Factor | Lycoris) -> tuple[str, int, float, str]:
+    """What inspect prints of one module: kind (lora, dora, loha, lokr), rank, alpha and the delta's shape."""
+    if isinstance(f, Lycoris):
+        rank = f.rank or 0
+        return f.kind, rank, f.alpha_over_rank * (rank or 1), "(LyCORIS)"
+    shape = "x".join(str(d) for d in (f.up.shape[0], *f.down.shape[1:]))
+    rank = f.down.shape[0]
+    return "lora" if f.magnitude is None else "dora", rank, f.alpha if f.alpha is not None else rank, shape
+
+
 def cmd_inspect(a) -> None:
     sd, meta = load_file(a.file)
     factors, unmatched, fmt = read(sd, meta, family=_family(a.base))
     print(f"{a.file}: {fmt} LoRA, {len(factors)} module(s), {sum(t.numel() for t in sd.values()):,} parameters")
-    ranks = Counter(f.down.shape[0] for f in factors.values())
-    alphas = Counter(f.alpha if f.alpha is not None else f.down.shape[0] for f in factors.values())
+    rows = {n: _row(f) for n, f in factors.items()}  # (kind, rank, alpha, delta shape)
+    ranks = Counter(r[1] for r in rows.values())
+    alphas = Counter(r[2] for r in rows.values())
     print(f"ranks: {dict(sorted(ranks.items()))}; alphas: {dict(sorted(alphas.items()))}")
-    for n, f in factors.items():
-        alpha = f.alpha if f.alpha is not None else f.down.shape[0]
-        shape = "x".join(str(d) for d in (f.up.shape[0], *f.down.shape[1:]))
-        print(f"  {n:<60} rank {f.down.shape[0]:>4}  alpha {alpha:<8g} delta {shape}")
+    for n, (kind, rank, alpha, shape) in rows.items():
+        print(f"  {n:<60} {kind + ' ' if kind != 'lora' else ''}rank {rank:>4}  alpha {alpha:<8g} delta {shape}")
     if unmatched:
         print(f"{len(unmatched)} key(s) placed on no known module: {unmatched[:20]}")
     if unmatched and not a.base and fmt == "kohya" and any(_UNET_KOHYA.match(k) for k in unmatched):

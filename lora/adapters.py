@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from checkpoints_convert.io import save_file
 from lora.factor import Factor, fit
 from lora.files import load_file, read, write
-from lora.inject import inject, lora_layers
+from lora.inject import inject, lora_layers, wrapped
+from lora.lycoris import Lycoris
 from lora.names import family_of_model
 
 
@@ -44,7 +45,11 @@ def load(model: nn.Module, src: str | os.PathLike | dict[str, Tensor], *, adapte
     if not factors:
         raise ValueError(f"no key of this {fmt} LoRA matches a module of the model; unmatched: {unmatched[:10]}")
     mods = dict(model.named_modules())
-    factors = {n: fit(n, f, mods[n].weight) for n, f in factors.items()}
+    lyco = {n: f for n, f in factors.items() if isinstance(f, Lycoris)}
+    taken = [n for n in lyco if adapter in getattr(mods[n], "adapters", ())]
+    if taken:
+        raise ValueError(f"adapter {adapter!r} already exists on {len(taken)} layer(s), e.g. {taken[:3]}")
+    factors = {n: fit(n, f, mods[n].weight) for n, f in factors.items() if n not in lyco}
     groups: dict[tuple, list[str]] = {}
     for n, f in factors.items():
         groups.setdefault((f.down.shape[0], f.alpha), []).append(n)
@@ -54,7 +59,11 @@ def load(model: nn.Module, src: str | os.PathLike | dict[str, Tensor], *, adapte
     layers = lora_layers(model)
     for n, f in factors.items():
         layers[n].set_factors(adapter, f.down, f.up)
-    report = LoadReport(fmt, adapter, list(factors), unmatched)
+        if f.magnitude is not None:
+            layers[n].set_magnitude(adapter, f.magnitude)
+    for n, f in lyco.items():
+        wrapped(model, n).add_lycoris(adapter, f, multiplier=multiplier)
+    report = LoadReport(fmt, adapter, list(factors) + list(lyco), unmatched)
     if unmatched:
         warnings.warn(str(report), stacklevel=2)
     return report
@@ -62,8 +71,9 @@ def load(model: nn.Module, src: str | os.PathLike | dict[str, Tensor], *, adapte
 
 def factors_of(model: nn.Module, adapter: str = "default") -> dict[str, Factor]:
     """Adapter `adapter` of `model` as {official module: Factor}."""
-    out = {n: Factor(*m.factors(adapter), m.alpha[adapter]) for n, m in lora_layers(model).items()
-           if adapter in m.adapters}
+    out = {n: Factor(*m.factors(adapter), m.alpha[adapter],
+                     m.lora_magnitude[adapter].detach() if adapter in m.lora_magnitude else None)
+           for n, m in lora_layers(model).items() if adapter in m.adapters}
     if not out:
         raise ValueError(f"the model has no adapter {adapter!r}")
     return out

@@ -1,5 +1,9 @@
 """The LoRA files people exchange, read into and written from one canonical form ({official module: Factor}).
 
+DoRA magnitudes come as `.dora_scale` (kohya / LyCORIS, (out, 1)) or `.lora_magnitude_vector` (PEFT / diffusers,
+(out,) or (1, out, 1, 1) for convs); LyCORIS LoHa / LoKr modules (`.hada_w1_a`..., `.lokr_w1`...) are read into
+`lycoris.Lycoris` (applied and merged, not written).
+
 Canonical ("ours"): `{official module}.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha`; ComfyUI's is the same
 with a `diffusion_model.` prefix. kohya (sd-scripts): `lora_unet_{module with _}.lora_down.weight` / `.lora_up.weight`
 / `.alpha`. diffusers/PEFT: `{transformer|unet}.{diffusers module}.lora_A.weight` / `.lora_B.weight`, alphas in the
@@ -18,10 +22,13 @@ from checkpoints_convert.io import load_file as read_checkpoint
 from checkpoints_convert.lora_kinds import FORMATS, KOHYA_PREFIX, XLABS_KEY, lora_kind
 from lora.factor import Factor, join, split
 from lora.inject import list_targets
+from lora.lycoris import ROLES as LYCORIS_ROLES
+from lora.lycoris import Lycoris, lycoris_of
 from lora.names import UNET_DIFFUSERS, Family, family_of_keys, family_of_model, strip_wrapper
 
 _ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-          ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
+          ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha", ".dora_scale": "magnitude",
+          ".lora_magnitude_vector": "magnitude"} | {f".{r}": r for r in LYCORIS_ROLES}
 
 
 # ---- reading ----
@@ -89,8 +96,8 @@ def _pattern(patterns: dict, name: str):
 
 
 def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Module | None = None,
-         family: Family | None = None) -> tuple[dict[str, Factor], list[str], str]:
-    """Any known LoRA format -> ({official module: Factor}, keys that match no module, format).
+         family: Family | None = None) -> tuple[dict[str, Factor | Lycoris], list[str], str]:
+    """Any known LoRA format -> ({official module: Factor (or Lycoris)}, keys that match no module, format).
 
     The names are resolved against `model`, else `family` (see `family_of_checkpoint`), else a guess from the keys.
     """
@@ -98,6 +105,8 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
     raw, unmatched = _raw_modules(sd, fmt)
     _alphas_from_metadata(metadata, raw)
     for mod, parts in list(raw.items()):
+        if any(r in parts for r in LYCORIS_ROLES):
+            continue
         if "down" not in parts or "up" not in parts:
             unmatched += [f"{mod} (has {sorted(parts)}, needs down and up)"]
             del raw[mod]
@@ -106,7 +115,8 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
         targets, family = set(list_targets(model)), family_of_model(model)
     else:
         targets = None
-        family = family or family_of_keys(names, {strip_wrapper(m): Factor(p["down"], p["up"]) for m, p in raw.items()})
+        family = family or family_of_keys(names, {strip_wrapper(m): Factor(p["down"], p["up"]) for m, p in raw.items()
+                                                  if "down" in p})
     vocab = set(targets or family.official) | set(family.part)
     underscored = {n.replace(".", "_"): n for n in vocab}
     factors, parts = {}, {}
@@ -118,7 +128,13 @@ def read(sd: dict[str, Tensor], metadata: dict | None = None, *, model: nn.Modul
             if name is None:
                 unmatched.append(mod)
                 continue
-        f = Factor(p["down"], p["up"], p.get("alpha"))
+        if any(r in p for r in LYCORIS_ROLES):
+            f = lycoris_of(mod, p, p.get("alpha"))
+            if name in family.part and name not in family.official:
+                raise ValueError(f"{f.kind} {mod}: a part of the fused module {family.part[name][0].official}; "
+                                 f"joining {f.kind} parts is not supported")
+        else:
+            f = Factor(p["down"], p["up"], p.get("alpha"), p.get("magnitude"))
         if name in family.part and name not in family.official:
             e, i = family.part[name]
             parts.setdefault(e.official, {})[i] = f
@@ -156,6 +172,8 @@ def _xlabs(name: str, f: Factor) -> dict[str, Tensor]:
     m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", name)
     if not m or m.group(3) not in _XLABS_OUT or (m.group(1) == "single") != (m.group(3) in ("linear1", "linear2")):
         raise ValueError(f"the XLabs format has no place for a LoRA on {name}")
+    if f.magnitude is not None:
+        raise ValueError(f"{name}: the XLabs format has no place for a DoRA magnitude")
     up = f.up * f.alpha_over_rank  # x-flux applies no alpha: fold it into B
     if m.group(3) == "linear1":  # x-flux adapts the qkv rows only
         hidden = f.down.shape[1]
@@ -166,7 +184,7 @@ def _xlabs(name: str, f: Factor) -> dict[str, Tensor]:
     return {f"{key}.down.weight": f.down, f"{key}.up.weight": up}
 
 
-def _peft_metadata(ranks: dict[str, int], alphas: dict[str, float], prefix: str) -> str:
+def _peft_metadata(ranks: dict[str, int], alphas: dict[str, float], prefix: str, dora: bool) -> str:
     """diffusers' `lora_adapter_metadata`: a LoraConfig with the common rank/alpha and patterns for the others."""
     common = lambda d: max(set(d.values()), key=list(d.values()).count)
     r, a = common(ranks), common(alphas)
@@ -174,7 +192,7 @@ def _peft_metadata(ranks: dict[str, int], alphas: dict[str, float], prefix: str)
     key = lambda n: f"^{re.escape(n)}" if any(m.endswith("." + n) for m in ranks) else n
     cfg = {"r": r, "lora_alpha": a, "rank_pattern": {key(k): v for k, v in ranks.items() if v != r},
            "alpha_pattern": {key(k): v for k, v in alphas.items() if v != a}, "target_modules": sorted(ranks),
-           "use_rslora": False, "use_dora": False, "lora_bias": False}
+           "use_rslora": False, "use_dora": dora, "lora_bias": False}
     return json.dumps({f"{prefix}.{k}" if prefix else k: v for k, v in cfg.items()}, sort_keys=True)
 
 
@@ -182,6 +200,10 @@ def write(factors: dict[str, Factor], to: str, family: Family | None = None) -> 
     """{official module: Factor} -> (state dict, safetensors metadata) in format `to`."""
     if to not in FORMATS:
         raise ValueError(f"unknown LoRA format {to!r}; formats: {FORMATS}")
+    lyco = [n for n, f in factors.items() if isinstance(f, Lycoris)]
+    if lyco:
+        raise ValueError(f"{factors[lyco[0]].kind} adapters are read and applied, not written; {len(lyco)} module(s), "
+                         f"e.g. {lyco[:3]}: merge them into the model (lora.merge) instead")
     family = family or family_of_keys(list(factors), factors)
     out, meta = {}, {"format": "pt", "lora_format": to}
     if to in ("ours", "comfy", "kohya"):
@@ -189,6 +211,8 @@ def write(factors: dict[str, Factor], to: str, family: Family | None = None) -> 
             key = "lora_unet_" + n.replace(".", "_") if to == "kohya" else ("diffusion_model." if to == "comfy"
                                                                               else "") + n
             out |= {f"{key}.lora_down.weight": f.down, f"{key}.lora_up.weight": f.up, f"{key}.alpha": _alpha_t(f)}
+            if f.magnitude is not None:  # LyCORIS' wd_on_out shape
+                out[f"{key}.dora_scale"] = f.magnitude.reshape(-1, *[1] * (f.up.ndim - 1))
     elif to == "xlabs":
         for n, f in factors.items():
             out |= _xlabs(n, f)
@@ -201,9 +225,13 @@ def write(factors: dict[str, Factor], to: str, family: Family | None = None) -> 
                 family.rows.setdefault(e.official, f.up.shape[0])
             for d, pf in (split(e, f, family.sizes(e) if len(e.diffusers) > 1 else []) if e else {n: f}).items():
                 out |= {f"{pre}{d}.lora_A.weight": pf.down, f"{pre}{d}.lora_B.weight": pf.up}
+                if pf.magnitude is not None:  # peft's shapes: (out,), convs (1, out, 1, 1)
+                    m = pf.magnitude.flatten()
+                    out[f"{pre}{d}.lora_magnitude_vector"] = m if pf.up.ndim == 2 else m.reshape(1, -1, 1, 1)
                 ranks[d], alphas[d] = pf.down.shape[0], float(_alpha_t(pf))
         if ranks:
-            meta["lora_adapter_metadata"] = _peft_metadata(ranks, alphas, family.prefix)
+            dora = any(f.magnitude is not None for f in factors.values())
+            meta["lora_adapter_metadata"] = _peft_metadata(ranks, alphas, family.prefix, dora)
     return out, meta
 
 

@@ -73,6 +73,15 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def wrapped(model: nn.Module, name: str) -> LoRALayer:
+    """The LoRA wrapper of module `name` of `model`, put in its place if the module is not wrapped yet."""
+    module = model.get_submodule(name)
+    layer = wrap(module)
+    if layer is not module:
+        _set(model, name, layer)
+    return layer
+
+
 def inject(model: nn.Module, targets: str | Iterable[str], *, rank: int, alpha: float | None = None,
            adapter: str = "default", init: str = "zeros", conv_rank: int | None = None,
            conv_alpha: float | None = None, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> list[str]:

@@ -9,6 +9,9 @@ wrapper registers the base's own `weight` and `bias` objects under the same name
 keys of the base do not change (`...qkv.weight` stays `...qkv.weight`); the adapters add
 `lora_down.<adapter>.weight` (A, rank x in) and `lora_up.<adapter>.weight` (B, out x rank) beside them.
 A conv adapter is kohya's: A is a conv with the base's kernel, stride and padding, B a 1x1 conv.
+An adapter may be DoRA (Liu et al. 2024): a magnitude m per output row `lora_magnitude.<adapter>` (out,) makes the
+weight m * (W + s B A) / ||W + s B A||_row, as peft's `use_dora` (the norm is detached, as there). A LoHa / LoKr
+adapter (`lora.lycoris`) is a `lycoris.<adapter>` module giving its weight delta instead of B A.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lora.lycoris import Lycoris, LycorisDelta
 
 FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 INITS = ("zeros", "gaussian", "none")
@@ -39,6 +44,8 @@ class LoRALayer(nn.Module):
         self.bias = base.bias
         self.lora_down = nn.ModuleDict()
         self.lora_up = nn.ModuleDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters: m (out,)
+        self.lycoris = nn.ModuleDict()  # LoHa / LoKr adapters
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.multiplier: dict[str, float] = {}  # the user's multiplier per adapter (kohya's `multiplier`)
@@ -53,6 +60,9 @@ class LoRALayer(nn.Module):
     def _factors(self, rank: int, dtype: torch.dtype, device) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError
 
+    def _base_forward_nobias(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
@@ -62,7 +72,7 @@ class LoRALayer(nn.Module):
         """Add adapter `name` of `rank` (alpha defaults to rank: alpha / rank 1); it becomes the one active adapter."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
-        if name in self.lora_down:
+        if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
@@ -84,17 +94,43 @@ class LoRALayer(nn.Module):
         self.multiplier[name] = float(multiplier)
         self.active = {name: 1.0}
 
+    @torch.no_grad()
+    def set_magnitude(self, name: str, magnitude: Tensor) -> None:
+        """Make LoRA adapter `name` a DoRA one with magnitude m: one entry per output row of the weight."""
+        out = self.weight.shape[0]
+        if name not in self.lora_down:
+            raise ValueError(f"DoRA needs a LoRA adapter {name!r}; this layer has LoRA adapters {list(self.lora_down)}")
+        if magnitude.numel() != out:
+            raise ValueError(f"DoRA magnitude of adapter {name!r} has shape {tuple(magnitude.shape)}; the weight "
+                             f"{tuple(self.weight.shape)} needs one entry per output row ({out})")
+        dtype = self.lora_down[name].weight.dtype
+        self.lora_magnitude[name] = nn.Parameter(magnitude.detach().reshape(out).to(self.weight.device, dtype).clone())
+
+    def add_lycoris(self, name: str, adapter: Lycoris, *, multiplier: float = 1.0, dtype: torch.dtype | None = None):
+        """Add a LoHa / LoKr adapter `name` (its tensors copied); it becomes the one active adapter."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
+        if self.merged:
+            raise ValueError("cannot add an adapter to a merged layer; unmerge first")
+        self.lycoris[name] = LycorisDelta(adapter.kind, adapter.tensors, self.delta_shape(),
+                                          dtype or adapter_dtype(self.base), self.weight.device)
+        self.rank[name] = adapter.rank or 1
+        self.alpha[name] = adapter.alpha_over_rank * self.rank[name]
+        self.multiplier[name] = float(multiplier)
+        self.active = {name: 1.0}
+
     def delete_adapter(self, name: str) -> None:
         if self.merged:
             raise ValueError("cannot delete an adapter of a merged layer; unmerge first")
-        for d in (self.lora_down, self.lora_up):
-            del d[name]
+        for d in (self.lora_down, self.lora_up, self.lora_magnitude, self.lycoris):
+            if name in d:
+                del d[name]
         for d in (self.rank, self.alpha, self.multiplier, self.active):
             d.pop(name, None)
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.lora_down.keys())
+        return list(self.lora_down.keys()) + list(self.lycoris.keys())
 
     def alpha_over_rank(self, name: str) -> float:
         return self.alpha[name] / self.rank[name]
@@ -104,7 +140,7 @@ class LoRALayer(nn.Module):
         return self.alpha_over_rank(name) * self.multiplier[name]
 
     def set_active(self, weights: dict[str, float]) -> None:
-        unknown = [n for n in weights if n not in self.lora_down]
+        unknown = [n for n in weights if n not in self.adapters]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {self.adapters}")
         if self.merged and dict(weights) != self.merged:
@@ -113,6 +149,9 @@ class LoRALayer(nn.Module):
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """(down, up) = (A, B) of adapter `name`, detached: A (r, in[, kh, kw]), B (out, r[, 1, 1])."""
+        if name in self.lycoris:
+            raise ValueError(f"adapter {name!r} is a {self.lycoris[name].kind} adapter, which has no (down, up) "
+                             "factors")
         if name not in self.lora_down:
             raise ValueError(f"unknown adapter {name!r}; this layer has {self.adapters}")
         return self.lora_down[name].weight.detach(), self.lora_up[name].weight.detach()
@@ -130,7 +169,9 @@ class LoRALayer(nn.Module):
         self.lora_up[name].weight.copy_(up)
 
     def delta(self, name: str) -> Tensor:
-        """B A of adapter `name` in fp32, shaped like the base weight (without any scale)."""
+        """B A of adapter `name` in fp32, shaped like the base weight (without any scale); LoHa / LoKr: their dW."""
+        if name in self.lycoris:
+            return self.lycoris[name].delta()
         a = self.lora_down[name].weight.float().flatten(1)  # (r, in * kh * kw)
         b = self.lora_up[name].weight.float().flatten(1)  # (out, r)
         return (b @ a).reshape(self.delta_shape())
@@ -147,10 +188,30 @@ class LoRALayer(nn.Module):
         for name, weight in self.active.items():
             if name in self.merged or weight == 0:
                 continue
+            s = self.total_scale(name) * weight
+            if name in self.lycoris:
+                dw = self.lycoris[name].delta().to(self.lycoris[name].dtype_of())
+                h = self._base_forward_nobias(x.to(dw.dtype), dw)
+                out = torch.add(out, h.to(out.dtype), alpha=s)
+                continue
             down, up = self.lora_down[name], self.lora_up[name]
             h = up(down(x.to(down.weight.dtype)))
-            out = torch.add(out, h.to(out.dtype), alpha=self.total_scale(name) * weight)  # fused into the add
+            if name in self.lora_magnitude:  # DoRA: g (W x + s B A x) - W x, with W x the base's output less bias
+                g = self._per_row(self._dora_gain(name, s), out)
+                wx = out if self.bias is None else out - self._per_row(self.bias, out)
+                out = out + ((g - 1) * wx + g * s * h).to(out.dtype)
+                continue
+            out = torch.add(out, h.to(out.dtype), alpha=s)  # the scale fused into the add
         return out
+
+    def _dora_gain(self, name: str, s: float) -> Tensor:
+        """m / ||W + s B A|| per output row (detached, fp32), the DoRA rescaling."""
+        w = self.weight.detach().float() + s * self.delta(name).detach()
+        return self.lora_magnitude[name].float() / w.flatten(1).norm(dim=1)
+
+    def _per_row(self, t: Tensor, out: Tensor) -> Tensor:
+        """A per-output-row vector (out,) broadcast against an output: last dim (linear) or dim 1 (conv)."""
+        return t.to(out.dtype) if isinstance(self, LoRALinear) else t.to(out.dtype).view(-1, 1, 1)
 
     # ---- merge ----
     @torch.no_grad()
@@ -166,9 +227,15 @@ class LoRALayer(nn.Module):
         if self.weight.dtype in FP8:
             raise ValueError("merging into an fp8-stored weight would lose the adapter; keep it unmerged")
         self._unmerged_weight = self.weight.detach().clone()
-        total = self.weight.float()
+        w0 = self.weight.float()
+        total = w0
         for name, weight in self.active.items():
-            total = total + self.delta(name) * (self.total_scale(name) * weight)
+            s = self.total_scale(name) * weight
+            if name in self.lora_magnitude:  # DoRA: g (W + s B A) - W
+                g = self._dora_gain(name, s).view(-1, *[1] * (w0.ndim - 1))
+                total = total + (g - 1) * w0 + g * s * self.delta(name)
+            else:
+                total = total + self.delta(name) * s
         self.weight.copy_(total.to(self.weight.dtype))
         self.merged = dict(self.active)
 
@@ -196,6 +263,9 @@ class LoRALinear(LoRALayer):
     def _base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, None if self.bias is None else self.bias.to(weight.dtype))
 
+    def _base_forward_nobias(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
     def _factors(self, rank, dtype, device):
         kw = dict(bias=False, dtype=dtype, device=device)
         return nn.Linear(self.in_features, rank, **kw), nn.Linear(rank, self.out_features, **kw)
@@ -213,6 +283,9 @@ class LoRAConv2d(LoRALayer):
 
     def _base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         return self.base._conv_forward(x, weight, None if self.bias is None else self.bias.to(weight.dtype))
+
+    def _base_forward_nobias(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base._conv_forward(x, weight, None)
 
     def _factors(self, rank, dtype, device):
         b = self.base

@@ -13,7 +13,12 @@ def pair(stem: str, down: str, up: str, rank: int = 4, width: int = 64) -> dict[
     return {f"{stem}{down}": torch.randn(rank, width), f"{stem}{up}": torch.randn(3 * width, rank)}
 
 
+QKV = "lora_unet_double_blocks_0_img_attn_qkv"
 SAMPLES = {  # one file of each kind, as the tools that make them write it
+    "loha": {f"{QKV}.hada_w{i}_a": torch.randn(192, 4) for i in (1, 2)}
+    | {f"{QKV}.hada_w{i}_b": torch.randn(4, 64) for i in (1, 2)} | {f"{QKV}.alpha": torch.tensor(2.0)},
+    "lokr": {f"{QKV}.lokr_w1": torch.randn(4, 4), f"{QKV}.lokr_w2_a": torch.randn(48, 4),
+             f"{QKV}.lokr_w2_b": torch.randn(4, 16), f"{QKV}.alpha": torch.tensor(2.0)},
     "xlabs": pair("double_blocks.0.processor.qkv_lora1", ".down.weight", ".up.weight"),
     "kohya": pair("lora_unet_double_blocks_0_img_attn_qkv", ".lora_down.weight", ".lora_up.weight"),
     "diffusers": pair("transformer.transformer_blocks.0.attn.to_q", ".lora_A.weight", ".lora_B.weight"),
@@ -35,7 +40,7 @@ def test_detect_and_lora_agree_on_the_kind(kind):
     assert (det.family, det.layout, det.fields["ranks"]) == ("lora", kind.layout, [4])
     if kind.readable:
         assert lora.detect(sd) == kind.name
-        assert kind.name in lora.FORMATS
+        assert (kind.name in lora.FORMATS) == kind.writable
     else:
         with pytest.raises(ValueError, match=f"this is a {kind.name} LoRA, which lora cannot read"):
             lora.detect(sd)
