@@ -32,21 +32,24 @@ from pipelines.sd import SDParts
 
 FLUX_LIKE = ("flux", "panorama", "perception")
 SD_LIKE = ("sd", "sdxl", "scribble", "bridge")
-FAMILIES = FLUX_LIKE + SD_LIKE
+FAMILIES = FLUX_LIKE + SD_LIKE + ("sana",)
 # role -> diffusers subfolder, per system
 SUBFOLDERS = {
     "flux": {"model": "transformer", "ae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"},
     "sd": {"unet": "unet", "vae": "vae", "clip": "text_encoder"},
     "sdxl": {"unet": "unet", "vae": "vae", "clip": "text_encoder", "clip_g": "text_encoder_2"},
+    "sana": {"model": "transformer", "vae": "vae", "gemma": "text_encoder"},
 }
 TOKENIZERS = {"flux": {"clip_tok": ("tokenizer", "clip"), "t5_tok": ("tokenizer_2", "t5")},
               "sd": {"tok": ("tokenizer", "clip")},
-              "sdxl": {"tok": ("tokenizer", "clip"), "tok_g": ("tokenizer_2", "clip")}}
+              "sdxl": {"tok": ("tokenizer", "clip"), "tok_g": ("tokenizer_2", "clip")},
+              "sana": {"tok": ("tokenizer", "gemma")}}
 # what a loose folder should hold for each role (named in errors)
 EXPECTED = {"model": "a Flux transformer file (e.g. flux1-dev.safetensors)", "ae": "ae.safetensors (the Flux VAE)",
             "unet": "a UNet file or an all-in-one checkpoint (e.g. sd_xl_base_1.0.safetensors)",
             "vae": "a VAE file (e.g. vae.safetensors) or an all-in-one checkpoint that contains one",
-            "clip": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5": "t5xxl_fp16.safetensors"}
+            "clip": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5": "t5xxl_fp16.safetensors",
+            "sana_model": "a Sana transformer file", "sana_vae": "a DC-AE file (e.g. dc-ae-f32c32-sana-1.0)"}
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
            "model.safetensors.index.json")
 # LDM/SGM prefixes of CLIP-L in transformers layout (SD1.x, SDXL's first encoder, ComfyUI saves); the OpenCLIP
@@ -64,16 +67,18 @@ class MissingComponent(FileNotFoundError):
 def _system(family: str) -> str:
     if family not in FAMILIES:
         raise ValueError(f"unknown pipeline family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return "flux" if family in FLUX_LIKE else "sdxl" if family == "sdxl" else "sd"
+    return "flux" if family in FLUX_LIKE else family if family in ("sdxl", "sana") else "sd"
 
 
 def _required(family: str) -> tuple[str, str]:
-    return ("model", "ae") if family in FLUX_LIKE else ("unet", "vae")
+    return ("model", "ae") if family in FLUX_LIKE else ("model", "vae") if family == "sana" else ("unet", "vae")
 
 
 def _role(det, system: str) -> str | None:
     """Which part a detected model plays in `system` (None: not one of its parts)."""
     fam = det.family
+    if system == "sana":
+        return {"sana": "model", "dc_ae": "vae", "gemma2": "gemma"}.get(fam)
     if fam == "flux":
         return "model" if system == "flux" else None
     if fam == "autoencoder":
@@ -167,12 +172,12 @@ def load(
     dtype: str | torch.dtype | Mapping[str, str | torch.dtype] | None = None,
     device: str | torch.device = "cpu",
     offload: bool = False,
-) -> FluxParts | SDParts | BridgeParts:
-    """The parts of `family` (flux, panorama, perception, sd, sdxl, scribble, bridge) from `path`: a diffusers repo
-    folder, a folder of separate files, one all-in-one checkpoint, or a {role: file} dict (roles: model, ae, clip,
-    t5 for Flux; unet, vae, clip, clip_g, controlnet, adapter for SD). `dtype`: one for all parts or {role: dtype}
-    (e.g. {"model": "bf16"}; unlisted roles keep the file's). `offload=True`: parts stay on the CPU and visit
-    `device` only while they run."""
+) -> Any:  # FluxParts | SDParts | ScribbleParts | BridgeParts | SanaParts
+    """The parts of `family` (flux, panorama, perception, sd, sdxl, scribble, bridge, sana) from `path`: a
+    diffusers repo folder, a folder of separate files, one all-in-one checkpoint, or a {role: file} dict (roles:
+    model, ae, clip, t5 for Flux; unet, vae, clip, clip_g, controlnet, adapter for SD; model, vae, gemma for Sana).
+    `dtype`: one for all parts or {role: dtype} (e.g. {"model": "bf16"}; unlisted roles keep the file's).
+    `offload=True`: parts stay on the CPU and visit `device` only while they run."""
     system = _system(family)
     root = None
     if isinstance(path, Mapping):
@@ -190,7 +195,8 @@ def load(
             found = _from_files([path], system)
     for role in _required(family):
         if role not in found:
-            raise MissingComponent(f"{family}: no {role} found in {path}; expected {EXPECTED[role]}")
+            what = EXPECTED[f"sana_{role}" if family == "sana" else role]
+            raise MissingComponent(f"{family}: no {role} found in {path}; expected {what}")
     load_to = "cpu" if offload else device
     parts: dict[str, nn.Module | Any] = {}
     for role, src in found.items():
@@ -199,6 +205,10 @@ def load(
     common = dict(offload=offload, device=device if offload else None)
     if system == "flux":
         return FluxParts(**parts, **common)
+    if system == "sana":
+        from pipelines.sana import SanaParts
+
+        return SanaParts(**parts, **common)
     if system == "sdxl" and getattr(parts["vae"], "scale_factor", None) == 0.18215:
         parts["vae"].scale_factor = SDXL_SCALE
     if family == "bridge":

@@ -92,3 +92,12 @@ def test_all_in_one_sd_checkpoint_is_split_into_unet_vae_and_text_encoder(tmp_pa
         pipelines.load("sd", tmp_path / "no-vae.safetensors")
     with pytest.raises(ValueError, match=r"unknown pipeline family 'sd3'"):
         pipelines.load("sd3", tmp_path / "sd-tiny.safetensors")
+
+
+def test_sana_from_separate_files(tmp_path):
+    model, vae = randomize(zoo.build("tiny-sana"), seed=7), randomize(zoo.build("tiny-dc-ae"), seed=8)
+    save_file(model.state_dict(), tmp_path / "sana.safetensors")
+    save_file(vae.state_dict(), tmp_path / "dc-ae.safetensors")
+    parts = pipelines.load("sana", tmp_path)
+    assert isinstance(parts, pipelines.sana.SanaParts) and parts.gemma is None
+    assert same(parts.model, model.state_dict()) and same(parts.vae, vae.state_dict())
