@@ -1,6 +1,7 @@
 """What every pipeline shares: seeded noise, the progress bar, conditioning batches, image conversion and PNG output."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -169,8 +170,13 @@ def save_png(images: Tensor, path: str | Path) -> list[Path]:
         raise ValueError(f"save_png writes .png files, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     paths = [path] if len(pics) == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(len(pics))]
-    for pic, p in zip(pics, paths):
-        pic.save(p)
+    for pic, p in zip(pics, paths):  # atomically: a temporary file beside, renamed over the target when complete
+        tmp = p.with_name(f".{p.name}.tmp")
+        try:
+            pic.save(tmp, format="PNG")
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
     return paths
 
 

@@ -1,0 +1,113 @@
+"""python -m pipelines, in process on tiny files: an SD prompt through an all-in-one checkpoint with its tokenizer,
+an LBM bridge with a LoRA at a scale, the summary line, and bad command lines that write nothing."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora
+import pipelines
+import zoo
+from checkpoints_convert import save_file
+from pipelines.__main__ import main, parse_lora
+from tests.conftest import randomize
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """An all-in-one SD1.x-style checkpoint (UNet, VAE, CLIP under their LDM prefixes) and a tokenizer folder."""
+    root = tmp_path_factory.mktemp("sd")
+    unet, vae, clip = (randomize(zoo.build(n), seed=i, std=0.05) for i, n in
+                       enumerate(("tiny-unet", "tiny-vae", "tiny-clip")))
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()},
+               **{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+               **{f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items()}},
+              root / "sd-tiny.safetensors")
+    (root / "tokenizer").mkdir()
+    shutil.copy(DATA / "bpe_simple_vocab_16e6.txt.gz", root / "tokenizer")
+    return root
+
+
+def test_sd_prompt_to_png_with_summary(sd_folder, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    rc = main(["sd", "--model", str(sd_folder), "--prompt", "a red fox", "--out", str(out), "--steps", "2",
+               "--height", "32", "--width", "32", "--guidance", "3", "--seed", "1"])
+    assert rc == 0, capsys.readouterr().err
+    line = capsys.readouterr().out
+    assert "wrote" in line and "s/step (2 steps)" in line and "peak memory" in line
+    img = pipelines.load_image(out)
+    assert img.shape == (1, 3, 32, 32)
+    # the same call through the library gives the same picture (up to PNG's 8 bits)
+    parts = pipelines.load("sd", sd_folder)
+    want = pipelines.sd.generate(parts, "a red fox", steps=2, height=32, width=32, guidance=3.0, seed=1,
+                                 progress=False)
+    assert (img - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_bridge_with_a_lora_at_a_scale(tmp_path, capsys):
+    # an LBM-style UNet without cross-attention (the released ones attend to the image only)
+    unet = randomize(zoo.build("tiny-unet", attention_resolutions=[], disable_middle_transformer=True,
+                               context_dim=None), seed=5, std=0.05).eval()
+    vae = randomize(zoo.build("tiny-vae"), seed=6, std=0.05)
+    model_dir = tmp_path / "lbm"
+    model_dir.mkdir()
+    # no attention: no shape tells the head count, so the file carries it (as checkpoints_convert writes such fields)
+    save_file(unet.state_dict(), model_dir / "unet.safetensors", {"zoo_fields": json.dumps({"num_heads": 2})})
+    save_file(vae.state_dict(), model_dir / "vae.safetensors")
+    (model_dir / "config.yaml").write_text("bridge_noise_sigma: 0.005\n")
+    tuned = copy.deepcopy(unet)
+    lora.inject(tuned, ["*.in_layers.2", "*.out_layers.3"], rank=2, adapter="relight", init="gaussian")
+    for layer in lora.lora_layers(tuned).values():
+        torch.nn.init.normal_(layer.lora_up["relight"].weight, std=0.1)
+    lora.save(tuned, tmp_path / "relight.safetensors", adapter="relight")
+    src = tmp_path / "source.png"
+    pipelines.save_png(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), src)
+    out = tmp_path / "out.png"
+    rc = main(["bridge", "--model", str(model_dir), "--image", str(src), "--out", str(out),
+               "--lora", f"{tmp_path / 'relight.safetensors'}:0.7", "--steps", "2"])
+    assert rc == 0, capsys.readouterr().err
+    parts = pipelines.load("bridge", model_dir)
+    assert parts.sigma_b == 0.005
+    lora.load(parts.unet, tmp_path / "relight.safetensors", adapter="relight")
+    want = pipelines.bridge.generate(parts, pipelines.load_image(src), steps=2, seed=0, lora_scale=0.7,
+                                     progress=False)
+    assert (pipelines.load_image(out) - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_bad_command_lines_name_the_problem_and_write_nothing(sd_folder, tmp_path, capsys):
+    cases = [
+        (["sd", "--model", str(sd_folder), "--prompt", "x", "--out", str(tmp_path / "a.jpg")], "must be a .png"),
+        (["bridge", "--model", str(sd_folder), "--out", str(tmp_path / "b.png")], "bridge needs --image"),
+        (["sd", "--model", str(sd_folder), "--out", str(tmp_path / "c.png")], "sd needs --prompt"),
+        (["sd", "--model", str(sd_folder), "--prompt", "x", "--lora", "nope.safetensors:0.5",
+          "--out", str(tmp_path / "d.png")], "no such file nope.safetensors"),
+        (["sd", "--model", str(sd_folder), "--prompt", "x", "--height", "36", "--width", "32",
+          "--out", str(tmp_path / "e.png")], "height=36 is not a positive multiple of 32"),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((["sdxl", "--model", str(empty), "--prompt", "x", "--out", str(tmp_path / "f.png")],
+                  "sdxl: no unet found"))
+    flux_dir = tmp_path / "flux"  # a Flux model given an SD (UNet) LoRA
+    flux_dir.mkdir()
+    save_file(zoo.build("tiny-flux", in_channels=64, out_channels=64).state_dict(), flux_dir / "flux.safetensors",
+              {"zoo_fields": json.dumps({"axes_dim": [4, 6, 6], "theta": 10000})})
+    save_file(zoo.build("tiny-vae-flux").state_dict(), flux_dir / "ae.safetensors")
+    unet = zoo.build("tiny-unet")
+    lora.inject(unet, lora.PRESETS["sd-attn"], rank=2, adapter="style")
+    sd_lora = lora.save(unet, flux_dir / "sd-style.lora.safetensors", adapter="style")
+    cases.append((["flux", "--model", str(flux_dir), "--prompt", "x", "--lora", str(sd_lora),
+                   "--out", str(tmp_path / "g.png")], "does not fit this flux model (Flux)"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, (argv, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "flux"]
+    assert parse_lora("C:/loras/a.safetensors:0.25") == (Path("C:/loras/a.safetensors"), 0.25)
+    assert parse_lora("a.safetensors") == (Path("a.safetensors"), 1.0)
