@@ -110,3 +110,17 @@ def test_cli_overrides_and_bad_recipes_are_clear_errors(tmp_path, capsys):
             "models.unet=tiny-unet", "models.vae=tiny-vae", f"data.root={images(tmp_path, True)}", "fit.stepz=1",
             "data.size=64", "lora.rank=2", "device=cpu"]))
     assert cli(["nope.yaml"]) == 2 and "no recipe file" in capsys.readouterr().err
+
+
+def test_a_recipe_stopped_and_resumed_ends_bit_identical_to_one_straight_run(tmp_path):
+    """Seeded parts, deterministic encoding (posterior mean) and fit's checkpoints: 1 step + resume + 1 step == 2."""
+    common = {"data.root": images(tmp_path / "pairs", pairs=True), "models.unet": "tiny-unet", "models.vae":
+              "tiny-vae", "lora.rank": 2, "lora.conv_rank": 2, "fit.trainable": ["attn1"], "preview.every": "null"}
+    run("lbm-lora", tiny(tmp_path / "a", **common))
+    recipe = recipes.apply_overrides(recipes.read_recipe("lbm-lora"), tiny(tmp_path / "b", **common))
+    first = recipes.run(recipes.apply_overrides(recipe, ["fit.stop_at=1"]))
+    assert first.step == 1
+    rest = recipes.run(recipe)  # resume: auto in the shipped recipe
+    assert rest.step == 2 and len(rest.losses) == 1
+    a, b = (load_file(tmp_path / x / "run" / "lora.safetensors") for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

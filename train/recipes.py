@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import configs
@@ -85,6 +86,7 @@ def run(recipe: dict[str, Any]):
     name = recipe.get("recipe")
     if name not in systems.SYSTEMS:
         raise ValueError(f"recipe: {name!r} is not a system; systems: {sorted(systems.SYSTEMS)}")
+    torch.manual_seed(int(recipe.get("seed", 0)))  # fresh weights and LoRA factors: the same in every run
     return systems.SYSTEMS[name](recipe)
 
 

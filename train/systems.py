@@ -101,7 +101,8 @@ def with_preview(recipe: dict[str, Any], args: dict[str, Any], make: Callable[..
 
 def scribble(recipe: dict[str, Any]):
     """ScribbleDiffusion: a UNet and a hint encoder from scratch on (sketch, image, caption) pairs; the text is
-    dropped (replaced by the empty caption's states) with probability `objective.cond_drop`, the sketch never."""
+    dropped (replaced by the empty caption's states) with probability `objective.cond_drop`, the sketch never.
+    Writes the UNet and the hint encoder (their EMA when `fit.ema_decay` is set) for `pipelines.scribble`."""
     args = fit_arguments(recipe)
     device, models = device_of(recipe), recipe["models"]
     unet = part(models["unet"], "unet", device)  # from scratch unless weights are given; fit unfreezes it
@@ -127,6 +128,8 @@ def scribble(recipe: dict[str, Any]):
     result = fit(net, objective, data, prepare=prepare, **args)
     if args.get("output_dir"):
         out = Path(args["output_dir"])
+        if result.ema is not None:  # the averaged weights are the ones to sample with
+            result.ema.copy_to(net)
         save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, out / "unet.safetensors")
         save_file({k: v.detach().contiguous() for k, v in hint.state_dict().items()}, out / "hint_encoder.safetensors")
     return result
