@@ -60,8 +60,10 @@ def test_gemma_bf16_embedding_scale_is_rounded_like_transformers():
     ours, peer = ours.to(torch.bfloat16), peer.to(torch.bfloat16)
     ids, mask = ids_and_mask(6)
     with torch.no_grad():
-        got, want = ours(ids, mask), peer(ids, attention_mask=mask).last_hidden_state
-    assert max_rel_err(got.float(), want.float()) <= 2e-2  # bf16 keeps ~3 digits
+        got, layers = ours(ids, mask, all_layers=True)
+        want = peer(ids, attention_mask=mask, output_hidden_states=True)
+    assert torch.equal(layers[0], want.hidden_states[0])  # the scaled embedding, bit for bit
+    assert max_rel_err(got.float(), want.last_hidden_state.float()) <= 2e-2  # bf16 keeps ~3 digits
 
 
 def test_gemma2_2b_meta_names_and_shapes_equal_transformers():

@@ -80,6 +80,11 @@ class Gemma2Config:
         return float(params.get("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0))
 
 
+def gemma_norm(config: Gemma2Config) -> RMSNorm:
+    """Gemma's RMSNorm: gain stored as w, applied as (1 + w) in float32."""
+    return RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_name="weight", unit_offset=True)
+
+
 class Gemma2Attention(nn.Module):
     """Grouped-query attention with RoPE, 1/sqrt(query_pre_attn_scalar) scaling and tanh-capped logits."""
 
@@ -122,13 +127,12 @@ class Gemma2DecoderLayer(nn.Module):
 
     def __init__(self, config: Gemma2Config):
         super().__init__()
-        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_name="weight", unit_offset=True)  # noqa: E731
         self.self_attn = Gemma2Attention(config)
         self.mlp = Gemma2MLP(config)
-        self.input_layernorm = norm()
-        self.post_attention_layernorm = norm()
-        self.pre_feedforward_layernorm = norm()
-        self.post_feedforward_layernorm = norm()
+        self.input_layernorm = gemma_norm(config)
+        self.post_attention_layernorm = gemma_norm(config)
+        self.pre_feedforward_layernorm = gemma_norm(config)
+        self.post_feedforward_layernorm = gemma_norm(config)
 
     def forward(self, x: Tensor, pe: Tensor, mask: Tensor) -> Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pe, mask))
@@ -145,7 +149,7 @@ class Gemma2(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([Gemma2DecoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_name="weight", unit_offset=True)
+        self.norm = gemma_norm(config)
 
     def masks(self, attention_mask: Tensor | None, L: int, dtype: torch.dtype, device: torch.device) -> dict:
         """Additive (B or 1, 1, L, L) masks per layer type: causal, padded keys, and for sliding layers keys at most
