@@ -14,6 +14,7 @@ from lora.__main__ import main
 from lora.extract import extract
 from lora.formats import load_file
 from tests.conftest import max_rel_err, randomize
+from tests.test_lora_cli import run as cli
 
 SINGULAR = [5.0, 4.0, 3.0, 2.0, 1.0]  # the difference's singular values: rank 5, errors known in closed form
 
@@ -110,14 +111,7 @@ def test_cli_extract_inspect_convert(tmp_path, capsys):
     save_file(base.state_dict(), b)
     save_file(tuned.state_dict(), t)
 
-    def run(*args):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        res = capsys.readouterr()
-        return code, res.out, res.err
+    run = lambda *args: cli(capsys, *args)  # (exit code, stdout, stderr)
 
     code, out_, err = run("extract", "--base", b, "--tuned", t, "--out", out, "--rank", 8, "--conv-rank", 5,
                           "--format", "ours")
