@@ -88,6 +88,10 @@ def test_bad_configs_are_named():
         zoo.build("tiny-world-model", null_action="none")
     with pytest.raises(ValueError, match="target='residual'"):
         zoo.build("tiny-world-model", target="residual")
+    with pytest.raises(ValueError, match="prediction='eps'"):
+        zoo.build("tiny-world-model", prediction="eps")
+    with pytest.raises(ValueError, match="target_scale must be > 0"):
+        zoo.build("tiny-world-model", target_scale=0.0)
 
 
 def test_at_init_it_is_the_base_sana_and_sana_weights_load_unchanged():
@@ -163,9 +167,11 @@ def test_latent_space_world_models(autoencoder, latent, factor):
         model.encode(torch.rand(2, 4, 16, 16))
 
 
-def test_delta_target_round_trips():
-    model = tiny(target="delta")
+@pytest.mark.parametrize("target", ["frame", "delta"])
+def test_targets_round_trip(target):
+    model = tiny(target=target, target_scale=20.0)
     _, _, history, _ = inputs(model)
     nxt = torch.randn_like(history[:, 0])
-    assert torch.equal(model.to_target(history[:, -1], history), torch.zeros_like(nxt))
-    assert max_rel_err(model.from_target(model.to_target(nxt, history), history), nxt) < 1e-6
+    x0 = model.to_target(nxt, history)
+    assert max_rel_err(x0, 20.0 * (nxt - history[:, -1] if target == "delta" else nxt)) < 1e-6
+    assert max_rel_err(model.from_target(x0, history), nxt) < 1e-6

@@ -11,10 +11,14 @@ GameNGen-style (Valevski et al. 2024) on a Sana backbone:
 - actions: (B, k) ids or (B, k, A) one-hot, embedded to Sana's `caption_channels` as the caption y (+ its mask);
   a learned (or zero) null action stands in for them under classifier-free guidance.
 - target: the flow generates the next latent, or (`target: delta`) its difference from the last history latent,
-  so that "nothing moves" is the zero sample (what copy-last-frame predicts).
+  so that "nothing moves" is the zero sample (what copy-last-frame predicts), times `target_scale` (a frame
+  difference is small: scaled to about unit std, as latents are by an autoencoder's scale); `prediction: x0` has
+  the model output that sample instead of the velocity (same flow path; in pixel space with patches wider than
+  Sana's width the velocity would have to carry the input noise through a too-narrow token).
 - autoencoder: none (pixels, patchified by Sana), a DC-AE or an AutoencoderKL config, frozen; Sana's
   `in_channels` must be its latent channels (or the frame channels without one).
 Time: `forward` takes Sana's timestep in [0, 1000] (1000 = noise); flow time t in [0, 1] is timestep / 1000.
+`forward` returns what `prediction` names (velocity eps - x0 by default) for the flow path x_t = (1 - t) x0 + t eps.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from zoo.sana import PatchEmbed, Sana, SanaConfig
 NULL_ACTIONS = ("learned", "zero")
 AUTOENCODER_ARCHS = ("dc_ae", "autoencoder_kl")
 TARGETS = ("frame", "delta")
+PREDICTIONS = ("flow", "x0")
 
 
 @dataclass
@@ -45,6 +50,8 @@ class WorldModelConfig:
     null_action: str = "learned"  # or "zero"
     history_noise: float = 0.0  # max std of the training-time history noise; 0 = off (no level token)
     target: str = "frame"  # what the flow generates: the next latent, or "delta" = next minus the last history one
+    prediction: str = "flow"  # what the model outputs on the flow path: velocity (Sana's), or "x0" the clean sample
+    target_scale: float = 1.0  # the target times this: about 1 / its std, so the flow's unit noise fits the signal
 
     def __post_init__(self):
         if isinstance(self.autoencoder, str) and self.autoencoder.lower() == "none":
@@ -56,6 +63,10 @@ class WorldModelConfig:
             raise ValueError(f"WorldModelConfig.null_action={self.null_action!r}; expected one of {NULL_ACTIONS}")
         if self.target not in TARGETS:
             raise ValueError(f"WorldModelConfig.target={self.target!r}; expected one of {TARGETS}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"WorldModelConfig.prediction={self.prediction!r}; expected one of {PREDICTIONS}")
+        if not self.target_scale > 0:
+            raise ValueError(f"WorldModelConfig.target_scale must be > 0, got {self.target_scale!r}")
         if not self.history_noise >= 0:
             raise ValueError(f"WorldModelConfig.history_noise must be >= 0, got {self.history_noise!r}")
 
@@ -114,7 +125,7 @@ class ActionEmbedder(nn.Module):
 
 @register("world_model", WorldModelConfig)
 class WorldModel(nn.Module):
-    """Next-frame flow model: forward(x, timestep, history, actions) -> velocity of the next frame's latent."""
+    """Next-frame flow model: forward(x, timestep, history, actions) -> velocity (or x0) of the next frame's latent."""
 
     def __init__(self, config: WorldModelConfig):
         super().__init__()
@@ -174,10 +185,12 @@ class WorldModel(nn.Module):
 
     def to_target(self, next_latent: Tensor, history: Tensor) -> Tensor:
         """The flow's clean sample for the next latent (B, C, h, w) given the history (B, k, C, h, w)."""
-        return next_latent - history[:, -1] if self.params.target == "delta" else next_latent
+        x0 = next_latent - history[:, -1] if self.params.target == "delta" else next_latent
+        return x0 * self.params.target_scale
 
     def from_target(self, x0: Tensor, history: Tensor) -> Tensor:
         """Inverse of `to_target`: the generated sample -> the next latent."""
+        x0 = x0 / self.params.target_scale
         return x0 + history[:, -1] if self.params.target == "delta" else x0
 
     def noise_history(self, history: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -193,7 +206,7 @@ class WorldModel(nn.Module):
         """x (B, C_lat, h, w) noisy next-frame latent, timestep (B,) or scalar in [0, 1000], history
         (B, k, C_lat, h, w) latents of the last k frames (oldest first), actions (B, k) ids / (B, k, A) one-hot /
         None (the null action), history_level (B,) std of the noise on the history (default 0), keep_actions (B,)
-        bool (False: that sample gets the null action) -> velocity (B, C_lat, h, w)."""
+        bool (False: that sample gets the null action) -> the `prediction` (B, C_lat, h, w)."""
         b, k = x.shape[0], self.params.history
         want = f"(B, {k}, {self.latent_channels}, h, w)"
         if x.ndim != 4 or x.shape[1] != self.latent_channels:
