@@ -9,7 +9,7 @@ index int(steps - steps * strength) and the image latent (a posterior sample) is
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,23 @@ def set_adapters(model: nn.Module, adapters: Mapping[str, float] | None) -> None
         lora_lib.set_adapter(model, list(adapters), weights=[float(s) for s in adapters.values()])
 
 
+def velocity_fn(model: nn.Module, img_pos: Tensor, cond: Mapping[str, Tensor], guidance: float,
+                device) -> Callable[[Tensor, Tensor], Tensor]:
+    """The sampler's model function: packed tokens x (B, L, C) at flow time t -> velocity (float32), with the image
+    ids (B, L, 3), the text, pooled vector and distilled guidance (dev only) fixed; conditioning of batch 1 is
+    broadcast."""
+    dtype, b = model_dtype(model), img_pos.shape[0]
+    txt = cond["txt"].to(device, dtype).expand(b, -1, -1)
+    txt_pos = cond["txt_ids"].to(device) if "txt_ids" in cond else txt_ids(b, txt.shape[1], device=device)
+    y = cond["y"].to(device, dtype).expand(b, -1)
+    g = torch.full((b,), float(guidance), device=device, dtype=dtype) if model.guidance_in is not None else None
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        return model(x.to(dtype), img_pos, txt, txt_pos, t.to(dtype), y, guidance=g).float()
+
+    return model_fn
+
+
 @torch.no_grad()
 def generate(
     parts: FluxParts,
@@ -119,7 +136,7 @@ def generate(
     gen = generator_for(seed, generator)
     cond = prepare_conditioning(parts, prompt, conditioning, batch, max_length)
     b, lh, lw = cond["txt"].shape[0], 2 * (height // 16), 2 * (width // 16)
-    device, dtype = compute_device(parts, model), model_dtype(model)
+    device = compute_device(parts, model)
 
     # official get_schedule: linspace(1, 0), exp-shifted by mu(token count) unless schnell
     ts = samplers.flux_schedule(steps, (lh // 2) * (lw // 2), shift=distilled if shift is None else shift)
@@ -138,16 +155,8 @@ def generate(
     x = noise if x0 is None else ts[0] * noise + (1.0 - ts[0]) * x0  # the flow path at the first grid time
     x = pack(x)  # (B, lh/2 * lw/2, 64)
 
-    img_pos = img_ids(b, lh, lw, device=device)
-    txt = cond["txt"].to(device, dtype)
-    txt_pos = cond["txt_ids"].to(device) if "txt_ids" in cond else txt_ids(b, txt.shape[1], device=device)
-    y = cond["y"].to(device, dtype)
-    g = torch.full((b,), float(guidance), device=device, dtype=dtype) if distilled else None
     set_adapters(model, adapters)
-
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x.to(dtype), img_pos, txt, txt_pos, t.to(dtype), y, guidance=g).float()
-
+    model_fn = velocity_fn(model, img_ids(b, lh, lw, device=device), cond, guidance, device)
     with on_device(parts, "model"):
         x = run_sampler(model_fn, x, sampler=sampler, schedule=samplers.FlowSchedule(), timesteps=ts,
                         generator=gen, desc="flux", progress_bar=progress, callback=callback)
@@ -156,4 +165,4 @@ def generate(
         return to_unit(ae.decode(z.to(model_dtype(ae)), tile=tile))
 
 
-__all__ = ["FluxParts", "encode_prompt", "generate", "prepare_conditioning", "set_adapters"]
+__all__ = ["FluxParts", "encode_prompt", "generate", "prepare_conditioning", "set_adapters", "velocity_fn"]

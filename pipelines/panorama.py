@@ -29,9 +29,9 @@ from pipelines.common import (
     run_sampler,
     to_unit,
 )
-from pipelines.flux import FluxParts, prepare_conditioning, set_adapters
+from pipelines.flux import FluxParts, prepare_conditioning, set_adapters, velocity_fn
 from pipelines.offload import compute_device, on_device
-from zoo.flux import img_ids, pack, txt_ids, unpack
+from zoo.flux import img_ids, pack, unpack
 from zoo.panorama import DiT360, crop_panorama, pad_panorama
 
 BIG = 2048 * 4096  # pixels from which the decode is tiled by default
@@ -95,7 +95,7 @@ def generate(
     cond = prepare_conditioning(parts, prompt, conditioning, batch, max_length)
     b, lh, lw = cond["txt"].shape[0], height // 8, width // 8
     h, w = lh // 2, lw // 2  # the token grid
-    device, dtype = compute_device(parts, model), model_dtype(model)
+    device = compute_device(parts, model)
 
     noise = randn((b, ae.latent_channels, lh, lw), gen, device) if latents is None else \
         check_latents(latents.to(device), (b, ae.latent_channels, lh, lw))
@@ -106,15 +106,8 @@ def generate(
     distilled = model.guidance_in is not None
     ts = samplers.flux_schedule(steps, h * (w + 2 * pad), shift=distilled)  # mu from the padded token count
 
-    txt = cond["txt"].to(device, dtype)
-    txt_pos = cond["txt_ids"].to(device) if "txt_ids" in cond else txt_ids(b, txt.shape[1], device=device)
-    y = cond["y"].to(device, dtype)
-    g = torch.full((b,), float(guidance), device=device, dtype=dtype) if distilled else None
     set_adapters(model, adapters)
-
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x.to(dtype), pos, txt, txt_pos, t.to(dtype), y, guidance=g).float()
-
+    model_fn = velocity_fn(model, pos, cond, guidance, device)
     with on_device(parts, "model"):
         x = run_sampler(model_fn, x, sampler=sampler, schedule=samplers.FlowSchedule(), timesteps=ts,
                         generator=gen, desc="panorama", progress_bar=progress, callback=callback)

@@ -33,9 +33,9 @@ from pipelines.common import (
     run_sampler,
     to_unit,
 )
-from pipelines.flux import FluxParts, prepare_conditioning
+from pipelines.flux import FluxParts, prepare_conditioning, velocity_fn
 from pipelines.offload import compute_device, on_device
-from zoo.flux import img_ids, pack, txt_ids, unpack
+from zoo.flux import img_ids, pack, unpack
 
 TASKS = ("distance", "normal", "albedo", "roughness", "metallic")
 PROMPT = "[EQUIRECTANGULAR]"  # OmniX's camera prompt for panoramas
@@ -100,7 +100,7 @@ def generate(
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     gen = generator_for(seed, generator)
-    device, dtype = compute_device(parts, model), model_dtype(model)
+    device = compute_device(parts, model)
     b, lh, lw = panorama.shape[0], height // 8, width // 8
     if conditioning is None and prompt is None:
         prompt = PROMPT
@@ -113,15 +113,11 @@ def generate(
     n = noise.shape[1]
     pos = img_ids(b, lh, lw, device=device)
     pos = torch.cat([pos, pos], dim=1)  # the RGB tokens sit at the target's positions
-    txt = cond["txt"].to(device, dtype).expand(b, -1, -1)
-    txt_pos = txt_ids(b, txt.shape[1], device=device)
-    y = cond["y"].to(device, dtype).expand(b, -1)
-    g = torch.full((b,), float(guidance), device=device, dtype=dtype) if model.guidance_in is not None else None
+    velocity = velocity_fn(model, pos, cond, guidance, device)
     ts = samplers.flux_schedule(steps, n, shift=model.guidance_in is not None)
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:  # x: (B, L, 64) target tokens; returns their velocity
-        img = torch.cat([x, rgb], dim=1).to(dtype)
-        return model(img, pos, txt, txt_pos, t.to(dtype), y, guidance=g)[:, :n].float()
+        return velocity(torch.cat([x, rgb], dim=1), t)[:, :n]
 
     out = {}
     for task in tasks:

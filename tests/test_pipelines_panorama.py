@@ -8,8 +8,8 @@ import torch
 
 import pipelines
 import zoo
-from checkpoints_convert import autoencoder_from_diffusers, flux_from_diffusers
 from tests.conftest import max_rel_err, randomize
+from tests.test_pipelines_flux import tiny_system
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -19,29 +19,13 @@ COND = {"txt": torch.randn(1, 4, 24, generator=torch.Generator().manual_seed(0))
 
 
 def test_padded_loop_matches_the_reference_dit360_pipeline_on_diffusers_flux():
-    tr = randomize(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-        seed=1, std=0.05).eval()
-    vae = randomize(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
-        seed=2, std=0.05).eval()
-    model = zoo.build({"arch": "flux", "in_channels": 64, "vec_in_dim": 16, "context_in_dim": 24, "hidden_size": 32,
-                       "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
-                       "theta": 10000, "qkv_bias": True, "guidance_embed": True}).eval()
-    model.load_state_dict(flux_from_diffusers(tr.state_dict()), strict=True)
-    ae = zoo.build("tiny-vae-flux").eval()
-    ae.load_state_dict(autoencoder_from_diffusers(vae.state_dict()), strict=True)
+    kw, flux_parts = tiny_system(dev=True)  # the same tiny diffusers Flux + VAE as the FluxPipeline parity tests
+    tr, vae = kw["transformer"], kw["vae"]
     steps, n_h, n_w = 3, H // 16, W // 16
-    got = pipelines.panorama.generate(pipelines.flux.FluxParts(model=model, ae=ae), conditioning=COND, height=H,
-                                      width=W, steps=steps, guidance=3.5, seed=0, circular_decode=False,
-                                      progress=False)
+    got = pipelines.panorama.generate(flux_parts, conditioning=COND, height=H, width=W, steps=steps, guidance=3.5,
+                                      seed=0, circular_decode=False, progress=False)
     # the reference DiT360Pipeline.__call__, written out on diffusers' components
-    fp = diffusers.FluxPipeline
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                      max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    fp, sched = diffusers.FluxPipeline, kw["scheduler"]
     with torch.no_grad():
         noise = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(0))
         lat = fp._pack_latents(noise, 1, 16, H // 8, W // 8).reshape(1, n_h, n_w, 64)
