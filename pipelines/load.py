@@ -52,11 +52,11 @@ EXPECTED = {"model": "a Flux transformer file (e.g. flux1-dev.safetensors)", "ae
             "sana_model": "a Sana transformer file", "sana_vae": "a DC-AE file (e.g. dc-ae-f32c32-sana-1.0)"}
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
            "model.safetensors.index.json")
-# LDM/SGM prefixes of CLIP-L in transformers layout (SD1.x, SDXL's first encoder, ComfyUI saves); the OpenCLIP
-# encoders of SD2.x/SDXL (`cond_stage_model.model.`, `conditioner.embedders.1.model.`) are in open_clip layout, which
-# checkpoints_convert does not read yet: those stay None (load clip_g.safetensors beside, or pass conditioning=)
-TEXT_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
-                 "text_encoders.clip_l.transformer.")
+# LDM/SGM prefixes of the text encoders inside all-in-one checkpoints (and ComfyUI saves): CLIP-L in transformers
+# layout, SD2.x's OpenCLIP-H and SDXL's OpenCLIP-bigG in open_clip layout (checkpoints_convert reads both)
+TEXT_PREFIXES = {"cond_stage_model.transformer.": "clip", "conditioner.embedders.0.transformer.": "clip",
+                 "text_encoders.clip_l.transformer.": "clip", "cond_stage_model.model.": "clip",
+                 "conditioner.embedders.1.model.": "clip_g"}
 SDXL_SCALE = 0.13025  # SGM's SDXL VAE scale; its shapes are SD's, so a file without config reads as 0.18215
 
 
@@ -125,13 +125,14 @@ def _from_files(files: list[Path], system: str) -> dict[str, Any]:
             dets = detect_all(ck)
         except CheckpointError:
             continue  # not a model file of ours (a LoRA, ...): the roles left empty are reported by the caller
-        subs = [(det, None) for det in dets]
-        for p in TEXT_PREFIXES:  # LDM/SGM text encoders sit under prefixes detect does not strip
+        subs: list[tuple] = [(det, None) for det in dets]
+        for p, text_role in TEXT_PREFIXES.items():  # text encoders sit under prefixes detect does not strip
             if any(k.startswith(p) for k in ck):
                 sub = {k[len(p):]: v for k, v in ck.items() if k.startswith(p)}
-                subs += [(det, sub) for det in detect_all(sub) if not det.prefix]
-        for det, sub in subs:
+                subs += [(det, sub, text_role) for det in detect_all(sub) if not det.prefix]
+        for det, sub, *text_role in subs:
             role = _role(det, system)
+            role = text_role[0] if text_role and role is not None else role
             if role is None:
                 continue
             if role in found:

@@ -101,3 +101,19 @@ def test_sana_from_separate_files(tmp_path):
     parts = pipelines.load("sana", tmp_path)
     assert isinstance(parts, pipelines.sana.SanaParts) and parts.gemma is None
     assert same(parts.model, model.state_dict()) and same(parts.vae, vae.state_dict())
+
+
+def test_all_in_one_sdxl_checkpoint_reads_both_text_encoders_and_sets_the_sdxl_vae_scale(tmp_path):
+    from checkpoints_convert.clip import transformers_to_openclip
+
+    unet, vae, clip_l, clip_g = (randomize(zoo.build(n), seed=i) for i, n in
+                                 enumerate(("tiny-sdxl", "tiny-vae", "tiny-clip", "tiny-clip-g")))
+    full = {**{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()},
+            **{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+            **{f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.state_dict().items()},
+            **{f"conditioner.embedders.1.model.{k}": v
+               for k, v in transformers_to_openclip(clip_g.state_dict()).items()}}
+    save_file(full, tmp_path / "sdxl-tiny.safetensors")
+    parts = pipelines.load("sdxl", tmp_path / "sdxl-tiny.safetensors")
+    assert parts.is_sdxl and parts.vae.scale_factor == 0.13025
+    assert same(parts.clip, clip_l.state_dict()) and same(parts.clip_g, clip_g.state_dict())
