@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import lora
 import zoo
 from train import memory
 
@@ -85,3 +86,12 @@ def test_cli_prints_the_plan_and_answers_whether_it_fits(capsys):
     assert memory.main([*argv, "--budget", "1MB"]) == 1
     with pytest.raises(ValueError, match="dtype must be one of"):
         memory.plan("tiny-unet", dtype="fp8")
+
+
+def test_lora_plan_trains_only_the_adapters_over_a_frozen_half_base():
+    got = memory.plan("tiny-unet", batch=1, size=64, dtype="bf16", lora_targets="sd-attn", lora_rank=4, **UNET)
+    model = zoo.build("tiny-unet", device="meta", **UNET)
+    lora.inject(model, "sd-attn", rank=4)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert got.trainable == adapters > 0 and got.parameters == sum(p.numel() for p in model.parameters())
+    assert got.gradients == 4 * adapters and got.weights == 2 * (got.parameters - adapters) + 4 * adapters

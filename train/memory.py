@@ -11,6 +11,7 @@ autocast apply; autocast's op lists are the CPU's, and CUDA's keep a few more op
 GPU's half-precision activations come out somewhat higher than planned.
 
     python -m train memory scribble-unet --batch 2 --size 256 --dtype fp16 --checkpointing
+    python -m train memory flux-dev --size 512 --dtype bf16 --checkpointing --lora omnix --rank 16
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import lora
 import zoo
 
 from .trainable import select_trainable
@@ -127,13 +129,18 @@ def plan(
     optimizer: str = "adamw",
     checkpointing: bool = False,
     trainable: Sequence[str] | None = None,
+    lora_targets: str | Sequence[str] | None = None,
+    lora_rank: int = 16,
+    lora_conv_rank: int | None = None,
     **overrides: Any,
 ) -> MemoryPlan:
     """Plan one `fit` step of `model` (a zoo config name, YAML path, dict or config, built on meta with `overrides`)
     on a batch of `batch` images of `size` pixels (int or (height, width)), inputs from `model.example_inputs`.
 
     `dtype`: fp32, or bf16/fp16 autocast with frozen weights stored in that dtype; `optimizer`: adamw, sgd
-    (momentum) or none; `trainable`: partial module names as in `fit` (default everything).
+    (momentum) or none; `trainable`: partial module names as in `fit` (default everything, or every adapter).
+    `lora_targets` (a `lora` preset or globs): inject adapters of `lora_rank` (`lora_conv_rank` on k x k convs) first,
+    so that the adapters train and the base is frozen.
     """
     if dtype not in PRECISIONS:
         raise ValueError(f"dtype must be one of {list(PRECISIONS)}, got {dtype!r}")
@@ -149,6 +156,8 @@ def plan(
         if not hasattr(net, "gradient_checkpointing"):
             raise ValueError(f"{type(net).__name__} has no gradient_checkpointing switch")
         net.gradient_checkpointing(True)
+    if lora_targets is not None:
+        lora.inject(net, lora_targets, rank=lora_rank, conv_rank=lora_conv_rank, dtype=torch.float32)
     names = set(select_trainable(net, trainable))
     half = PRECISIONS[dtype]
     if half is not None:  # frozen weights in the training dtype, as a half-precision base is stored
@@ -214,12 +223,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing per block")
     p.add_argument("--trainable", nargs="+", default=None, help="partial module names that train (default all)")
+    p.add_argument("--lora", nargs="+", default=None, metavar="TARGET", help="LoRA preset or globs (e.g. omnix)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--conv-rank", type=int, default=None, help="LoRA rank of k x k convs")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set model_channels=128")
     p.add_argument("--budget", type=_parse_bytes, default=None, help="memory to fit in, e.g. 4GB")
     a = p.parse_args(argv)
     result = plan(a.config, batch=a.batch, size=a.size, dtype=a.dtype, optimizer=a.optimizer,
-                  checkpointing=a.checkpointing, trainable=a.trainable, **dict(a.set))
+                  checkpointing=a.checkpointing, trainable=a.trainable,
+                  lora_targets=None if a.lora is None else a.lora[0] if len(a.lora) == 1 else a.lora,
+                  lora_rank=a.rank, lora_conv_rank=a.conv_rank, **dict(a.set))
     print(result)
     if a.budget is not None:
         fits = result.peak <= a.budget
