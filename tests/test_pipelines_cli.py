@@ -111,3 +111,52 @@ def test_bad_command_lines_name_the_problem_and_write_nothing(sd_folder, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "flux"]
     assert parse_lora("C:/loras/a.safetensors:0.25") == (Path("C:/loras/a.safetensors"), 0.25)
     assert parse_lora("a.safetensors") == (Path("a.safetensors"), 1.0)
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """ComfyUI-style separate files for a tiny Flux system with both text encoders and their tokenizers."""
+    pytest.importorskip("sentencepiece")
+    from tests.test_tokenizers import train_spm
+
+    root = tmp_path_factory.mktemp("flux")
+    told = {"zoo_fields": json.dumps({"axes_dim": [4, 6, 6], "theta": 10000})}
+    save_file(randomize(zoo.build("tiny-flux", in_channels=64, out_channels=64), seed=1, std=0.05).state_dict(),
+              root / "flux1-tiny.safetensors", told)
+    save_file(randomize(zoo.build("tiny-vae-flux"), seed=2, std=0.05).state_dict(), root / "ae.safetensors")
+    save_file(randomize(zoo.build("tiny-clip"), seed=3, std=0.05).state_dict(), root / "clip_l.safetensors")
+    save_file(randomize(zoo.build("tiny-t5", d_model=48), seed=4, std=0.05).state_dict(), root / "t5xxl.safetensors",
+              {"zoo_fields": json.dumps({"feed_forward_proj": "gated-gelu", "relative_attention_max_distance": 128})})
+    (root / "tokenizer").mkdir()
+    shutil.copy(DATA / "bpe_simple_vocab_16e6.txt.gz", root / "tokenizer")
+    (root / "tokenizer_2").mkdir()
+    train_spm(root / "tokenizer_2", "spiece.model", vocab_size=300, model_type="unigram", pad_id=0, eos_id=1,
+              unk_id=2, bos_id=-1)
+    return root
+
+
+def test_flux_and_perception_from_separate_files_with_text_encoders(flux_folder, tmp_path, capsys):
+    parts = pipelines.load("flux", flux_folder)
+    assert parts.clip is not None and parts.t5 is not None and parts.t5_tok is not None
+    for task in ("distance", "normal"):  # one adapter file per perception task, named by its stem
+        m = copy.deepcopy(parts.model)
+        lora.inject(m, lora.PRESETS["omnix"], rank=2, adapter=task, init="gaussian")
+        for layer in lora.lora_layers(m).values():
+            torch.nn.init.normal_(layer.lora_up[task].weight, std=0.2)
+        lora.save(m, tmp_path / f"{task}.safetensors", adapter=task, format="diffusers")
+    small = ["--steps", "2", "--seed", "3"]
+    assert main(["flux", "--model", str(flux_folder), "--prompt", "a fox", "--out", str(tmp_path / "fox.png"),
+                 "--height", "32", "--width", "48", "--lora", f"{tmp_path / 'distance.safetensors'}:0.5", *small]) == 0
+    pipelines.save_png(torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)), tmp_path / "pano.png")
+    assert main(["perception", "--model", str(flux_folder), "--image", str(tmp_path / "pano.png"),
+                 "--out", str(tmp_path / "maps.png"), "--lora", str(tmp_path / "distance.safetensors"),
+                 "--lora", str(tmp_path / "normal.safetensors"), *small]) == 0, capsys.readouterr().err
+    assert pipelines.load_image(tmp_path / "fox.png").shape == (1, 3, 32, 48)
+    # the CLI's flux run = the library's, with the LoRA at 0.5
+    lora.load(parts.model, tmp_path / "distance.safetensors", adapter="distance")
+    want = pipelines.flux.generate(parts, "a fox", height=32, width=48, steps=2, seed=3, adapters={"distance": 0.5},
+                                   progress=False)
+    assert (pipelines.load_image(tmp_path / "fox.png") - want).abs().max() <= 1 / 255 + 1e-6
+    maps = [pipelines.load_image(tmp_path / f"maps-{t}.png") for t in ("distance", "normal")]
+    assert maps[0].shape == (1, 3, 32, 64) and not torch.equal(maps[0], maps[1])
+    assert "(4 steps)" in capsys.readouterr().out  # perception: 2 tasks x 2 steps
