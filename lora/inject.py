@@ -194,9 +194,9 @@ def trainable(model: nn.Module, patterns: str | Iterable[str] = "*", adapter: st
         for a in [adapter] if adapter else layer.adapters:
             if a not in layer.adapters:
                 continue
-            for kind in ("lora_down", "lora_up"):
-                getattr(layer, kind)[a].weight.requires_grad_(True)
-                out.append(f"{n}.{kind}.{a}.weight")
+            for key, param in layer.adapter_parameters(a).items():
+                param.requires_grad_(True)
+                out.append(f"{n}.{key}")
     if not out:
         raise ValueError(f"trainable: adapter {adapter!r} is not on the selected layers")
     return out

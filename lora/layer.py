@@ -132,6 +132,16 @@ class LoRALayer(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.lora_down.keys()) + list(self.lycoris.keys())
 
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The parameters of adapter `name` by their names under this layer (A, B, a DoRA magnitude, LyCORIS')."""
+        if name in self.lycoris:
+            return {f"lycoris.{name}.{k}": p for k, p in self.lycoris[name].named_parameters()}
+        out = {f"lora_down.{name}.weight": self.lora_down[name].weight,
+               f"lora_up.{name}.weight": self.lora_up[name].weight}
+        if name in self.lora_magnitude:
+            out[f"lora_magnitude.{name}"] = self.lora_magnitude[name]
+        return out
+
     def alpha_over_rank(self, name: str) -> float:
         return self.alpha[name] / self.rank[name]
 

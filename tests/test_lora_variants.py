@@ -126,3 +126,22 @@ def test_lycoris_tucker_cores_are_refused_not_half_applied():
           "lora_unet_conv.hada_t1": torch.randn(4, 4, 3, 3), "lora_unet_conv.hada_t2": torch.randn(4, 4, 3, 3)}
     with pytest.raises(ValueError, match=r"Tucker-decomposed convolutions \(\['hada_t1', 'hada_t2'\]\)"):
         lora.load(Net(), sd)
+
+
+def test_dora_and_loha_adapters_train_with_their_own_parameters():
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
+    base, ref = peer(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["fc"], use_dora=True), seed=7)
+    model = copy.deepcopy(base)
+    lora.load(model, {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(ref).items()}, adapter="dora")
+    _, ref = peer(peft.LoHaConfig(r=2, alpha=2, target_modules=["conv"]), seed=8)
+    lora.load(model, lycoris_file(ref, 2.0), adapter="loha")
+    names = lora.trainable(model)
+    assert sorted(names) == [f"conv.lycoris.loha.hada_w{i}_{ab}" for i in (1, 2) for ab in "ab"] + [
+        "fc.lora_down.dora.weight", "fc.lora_magnitude.dora", "fc.lora_up.dora.weight"]
+    loss = sum(o.square().mean() for o in model(*inputs()))
+    loss.backward()
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in names)
+    assert params["fc.weight"].grad is None
