@@ -14,7 +14,7 @@ setup(
     extras_require={
         "text": ["tokenizers", "sentencepiece"],
         "image": ["pillow"],
-        "games": ["gymnasium", "ale-py"],
+        "games": ["gymnasium", "ale-py", "pillow"],  # pillow: frame resizing and the PNG / GIF outputs
         "gguf": ["gguf"],
         # parity peers and every optional extra, so the whole suite runs
         "test": ["pytest", "diffusers", "peft", "transformers", "accelerate",

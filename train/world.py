@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,17 +124,26 @@ def save_loss_plot(path: str | Path, losses: list[float], width: int = 640, heig
     return path
 
 
+def idle_cores() -> int:
+    """Cores not busy by the 1-minute load average (at least 1, at most torch's default thread count)."""
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(busy)))
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train world-model", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/world-model", help="output folder (default: runs/world-model)")
     p.add_argument("--data", default=None, help="dataset .npz (default: OUT/pacman.npz; collected when absent)")
     p.add_argument("--config", default="world-model", help="world model config name or YAML (default: world-model)")
-    p.add_argument("--frames", type=int, default=6000, help="frames to collect (default: 6000)")
+    p.add_argument("--frames", type=int, default=5000, help="frames to collect (default: 5000)")
     p.add_argument("--episode-frames", type=int, default=500, help="episode length cap while collecting")
     p.add_argument("--size", type=int, default=64, help="frame side in pixels when collecting (default: 64)")
     p.add_argument("--held-out", type=float, default=0.1, help="fraction of frames (whole episodes) held out")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    p.add_argument("--batch", type=int, default=16, help="windows per step (default: 16)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default: 500)")
+    p.add_argument("--batch", type=int, default=8, help="windows per step (default: 8)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--shift", type=float, default=3.0, help="flow time shift of training and sampling (default: 3)")
     p.add_argument("--sample-steps", type=int, default=4, help="sampler steps per generated frame (default: 4)")
@@ -143,15 +153,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rollout", type=int, default=16, help="frames rolled out from each held-out start")
     p.add_argument("--starts", type=int, default=2, help="held-out starts to roll out from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores the load average leaves idle, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse([] if argv is None else list(argv))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # small tensors: threads beyond the idle cores stall each other on a shared machine
+    torch.set_num_threads(args.threads or idle_cores())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tic, progress = time.perf_counter(), not args.no_progress
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"the data has {episodes.num_actions} actions, the model config {model.params.num_actions}")
     train_set, held_set = atari.Windows(train_eps, k), atari.Windows(held_eps, k)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{len(episodes)} frames in {len(episodes.starts)} episodes: {len(train_set)} training windows, "
+    print(f"{torch.get_num_threads()} CPU thread(s); {len(episodes)} frames in {len(episodes.starts)} episodes: "
+          f"{len(train_set)} training windows, "
           f"{len(held_set)} held-out; model {args.config} ({n_params:.2f} M parameters), history {k}")
 
     # 2. train the pixel-space world model with the flow objective
