@@ -110,6 +110,9 @@ def test_cli_overrides_and_bad_recipes_are_clear_errors(tmp_path, capsys):
             "models.unet=tiny-unet", "models.vae=tiny-vae", f"data.root={images(tmp_path, True)}", "fit.stepz=1",
             "data.size=64", "lora.rank=2", "device=cpu"]))
     assert cli(["nope.yaml"]) == 2 and "no recipe file" in capsys.readouterr().err
+    assert cli(["scribble", f"data.root={tmp_path / 'absent'}", "models.unet=tiny-unet", "models.vae=tiny-vae",
+                f"models.clip={{config: tiny-clip, tokenizer: {BPE}}}", "device=cpu"]) == 2
+    assert "image folder" in capsys.readouterr().err
 
 
 def test_a_recipe_stopped_and_resumed_ends_bit_identical_to_one_straight_run(tmp_path):

@@ -100,7 +100,11 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"python -m train: {e}", file=sys.stderr)
         return 2
-    result = run(recipe)
+    try:
+        result = run(recipe)
+    except (FileNotFoundError, ValueError) as e:  # a recipe mistake (paths, keys, data): one line, no traceback
+        print(f"python -m train {argv[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     where = f", last checkpoint {result.checkpoint}" if result.checkpoint else ""
     print(f"trained {result.step} steps, final loss {result.losses[-1]:.4f}{where}" if result.losses else
           f"nothing to train: already at step {result.step}{where}")
