@@ -160,3 +160,27 @@ def test_flux_and_perception_from_separate_files_with_text_encoders(flux_folder,
     maps = [pipelines.load_image(tmp_path / f"maps-{t}.png") for t in ("distance", "normal")]
     assert maps[0].shape == (1, 3, 32, 64) and not torch.equal(maps[0], maps[1])
     assert "(4 steps)" in capsys.readouterr().out  # perception: 2 tasks x 2 steps
+
+
+def test_sana_prompt_through_gemma_and_its_tokenizer(tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    from tests.test_tokenizers import train_spm
+
+    root = tmp_path / "sana"
+    (root / "tokenizer").mkdir(parents=True)
+    save_file(randomize(zoo.build("tiny-sana"), seed=1, std=0.05).state_dict(), root / "sana.safetensors")
+    save_file(randomize(zoo.build("tiny-dc-ae"), seed=2, std=0.05).state_dict(), root / "dc-ae.safetensors")
+    gemma = zoo.build("tiny-gemma", hidden_size=48, vocab_size=768)  # Sana's caption width, the tokenizer's vocab
+    told = {k: getattr(gemma.config, k) for k in ("head_dim", "query_pre_attn_scalar", "sliding_window",
+                                                  "attn_logit_softcapping")}
+    save_file(randomize(gemma, seed=3, std=0.05).state_dict(), root / "gemma.safetensors",
+              {"zoo_fields": json.dumps(told)})
+    train_spm(root / "tokenizer", "tokenizer.model", vocab_size=700, model_type="bpe", pad_id=0, eos_id=1, bos_id=2,
+              unk_id=3, byte_fallback=True, add_dummy_prefix=False, bos_piece="<bos>", eos_piece="<eos>")
+    out = tmp_path / "cat.png"
+    assert main(["sana", "--model", str(root), "--prompt", "a cat", "--out", str(out), "--steps", "2",
+                 "--height", "64", "--width", "64"]) == 0, capsys.readouterr().err
+    assert "s/step (2 steps)" in capsys.readouterr().out
+    parts = pipelines.load("sana", root)
+    want = pipelines.sana.generate(parts, "a cat", steps=2, height=64, width=64, seed=0, progress=False)
+    assert (pipelines.load_image(out) - want).abs().max() <= 1 / 255 + 1e-6
