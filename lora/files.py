@@ -69,7 +69,8 @@ def _raw_modules(sd: dict[str, Tensor], fmt: str) -> tuple[dict[str, dict], list
 
 
 def _alphas_from_metadata(metadata: dict | None, raw: dict[str, dict]) -> None:
-    """diffusers' `lora_adapter_metadata` (a flattened LoraConfig) -> per-module alphas where no .alpha key is."""
+    """diffusers' `lora_adapter_metadata` (a flattened LoraConfig; a LoHa/LoKrConfig's `alpha` for LyCORIS modules)
+    -> per-module alphas where no .alpha key is."""
     text = (metadata or {}).get("lora_adapter_metadata")
     if not text:
         return
@@ -81,11 +82,12 @@ def _alphas_from_metadata(metadata: dict | None, raw: dict[str, dict]) -> None:
     if cfg.get("use_rslora"):
         raise ValueError("rsLoRA (alpha / sqrt(rank)) adapters are not supported")
     for mod, parts in raw.items():
-        if "alpha" in parts or "down" not in parts:
+        lycoris = any(r in parts for r in LYCORIS_ROLES)
+        if "alpha" in parts or ("down" not in parts and not lycoris):
             continue
         name = re.sub(r"^(transformer|unet|base_model\.model)\.", "", mod)
         hit = _pattern(cfg.get("alpha_pattern") or {}, name)
-        alpha = hit if hit is not None else cfg.get("lora_alpha")
+        alpha = hit if hit is not None else cfg.get("alpha" if lycoris else "lora_alpha")
         if alpha is not None:
             parts["alpha"] = float(alpha)
 

@@ -108,6 +108,13 @@ def test_loha_matches_peft():
     sd = lycoris_file(ref, 6.0)
     assert lora.detect(sd) == "loha"
     check(base, ref, sd, merge=merge_all)
+    # peft's own names, alpha from its config as diffusers' lora_adapter_metadata carries it
+    from peft.utils import get_peft_model_state_dict
+
+    ref.fc.unmerge()
+    ref.conv.unmerge()
+    named = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(ref).items()}
+    check(base, ref, named, {"lora_adapter_metadata": json.dumps({"r": 4, "alpha": 6})}, merge_all)
 
 
 def test_lokr_matches_peft_and_is_not_written():
