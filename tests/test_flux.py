@@ -96,3 +96,11 @@ def test_scalar_timestep_and_guidance_and_2d_ids_broadcast(tiny):
     full = tiny(img, iid, txt, tid, torch.full((2,), 0.5), y, guidance=torch.full((2,), 3.5))
     short = tiny(img, iid[0], txt, tid[0], torch.tensor(0.5), y, guidance=3.5)
     assert torch.allclose(full, short)
+
+
+def test_inference_path_of_the_single_block_is_bit_identical_to_the_training_path(tiny):
+    # under no_grad the single block reuses linear1's output buffer (GELU in place, attention written over v)
+    args, kwargs = inputs(tiny)
+    with torch.no_grad():
+        lean = tiny(*args, **kwargs)
+    assert torch.equal(lean, tiny(*args, **kwargs).detach())

@@ -92,12 +92,15 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.heads(modulate(self.img_norm1(img), img_mod1.shift, img_mod1.scale))
-        txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(self.txt_norm1(txt), txt_mod1.shift, txt_mod1.scale))
+        txt_qkv = self.txt_attn.heads(modulate(self.txt_norm1(txt), txt_mod1.shift, txt_mod1.scale))
+        img_qkv = self.img_attn.heads(modulate(self.img_norm1(img), img_mod1.shift, img_mod1.scale))
 
-        # text tokens first, as the official code orders them (pe is built from [txt_ids, img_ids])
-        q, k, v = (torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        # text tokens first, as the official code orders them (pe is built from [txt_ids, img_ids]); the per-stream
+        # q, k, v (and the qkv outputs they view) are dropped as soon as they are joined
+        q, k, v = (torch.cat(p, dim=2) for p in zip(txt_qkv, img_qkv))  # each (B, H, L_txt + L_img, D/H)
+        del txt_qkv, img_qkv
         attn = attention(q, k, v, pe=pe)  # (B, L_txt + L_img, D)
+        del q, k, v
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -124,16 +127,21 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         mod, _ = self.modulation(vec)
-        x_mod = modulate(self.pre_norm(x), mod.shift, mod.scale)
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        mlp = self.mlp_act(mlp)  # (B, L, mlp_hidden)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        d = self.hidden_size
+        lin1 = self.linear1(modulate(self.pre_norm(x), mod.shift, mod.scale))  # (B, L, 3 D + mlp_hidden)
+        q, k, v = rearrange(lin1[..., : 3 * d], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        # own v, so the wide linear1 output (3 D + mlp_hidden per token) is freed before the attention runs
-        del qkv
-        v = v.contiguous()
-        out = self.linear2(torch.cat((attention(q, k, v, pe=pe), mlp), dim=2))
-        return x + mod.gate * out
+        if torch.is_grad_enabled():
+            h = torch.cat((attention(q, k, v, pe=pe), self.mlp_act(lin1[..., 3 * d :])), dim=2)
+        else:
+            # Same values, no new buffers: GELU in place, and the attention output written over v once it is
+            # consumed, so linear2 reads [attn | mlp] straight out of linear1's output (rows 3 D + mlp_hidden apart).
+            h = lin1[..., 2 * d :]  # (B, L, D + mlp_hidden)
+            torch.ops.aten.gelu_(h[..., d:], approximate="tanh")
+            h[..., :d] = attention(q, k, v, pe=pe)
+            h = h.flatten(0, 1)  # (B*L, D + mlp_hidden), a view: linear2 as one GEMM, as on the concatenation
+        del q, k, v, lin1
+        return x + mod.gate * self.linear2(h).view_as(x)
 
 
 class LastLayer(nn.Module):
