@@ -153,22 +153,28 @@ def sana(depth: int = 4, size: int = 512, device="cpu", dtype: torch.dtype = tor
                 lambda m: m(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask, return_dict=False)[0])
 
 
-def vae_decode(latent: int = 32, device="cpu", dtype: torch.dtype = torch.float32, share: bool = True) -> Pair:
-    """The SD autoencoder's decoder on a `latent` x `latent` latent (8x that in pixels); `run_*` take the model."""
+def vae_decode(latent: int = 32, family: str = "sd", ch: int = 128, device="cpu", dtype: torch.dtype = torch.float32,
+               share: bool = True) -> Pair:
+    """The SD (ldm, 4 channels) or Flux (bfl, 16) autoencoder, `ch` wide (128: the releases), on a `latent` x
+    `latent` latent (8x that in pixels); `run_*` decode it."""
     import diffusers
 
-    ours = zoo.build("vae-sd", device=device)
+    spec, channels = {"sd": ("vae-sd", 4), "flux": ("vae-flux", 16)}[family]
+    ours = zoo.build(spec, device=device, ch=ch)
     _randomize(ours)
     ours = (ours if dtype == torch.float32 else ours.to(dtype)).eval()
+    p = ours.params
     with torch.device(device):
         ref = diffusers.AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+            block_out_channels=tuple(ch * m for m in p.ch_mult), layers_per_block=p.num_res_blocks,
+            latent_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=family == "sd",
+            use_post_quant_conv=family == "sd", scaling_factor=p.scale_factor, shift_factor=p.shift_factor)
     ref = (ref if dtype == torch.float32 else ref.to(dtype)).eval()  # .to warns needlessly in fp32
     sd = autoencoder_to_diffusers(ours.state_dict())
     ref.load_state_dict(sd if share else {k: v.clone() for k, v in sd.items()}, strict=True, assign=share)
-    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    return Pair(f"sd vae decode, {latent}x{latent} latent", ours, ref, lambda m: m.decode(z),
+    z = torch.randn(1, channels, latent, latent, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    return Pair(f"{family} vae decode {ch}w, {latent}x{latent} latent", ours, ref, lambda m: m.decode(z),
                 lambda m: m.decode(z, return_dict=False)[0])
 
 
