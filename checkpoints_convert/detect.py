@@ -40,7 +40,7 @@ class Detection:
 
     def __str__(self) -> str:
         s = f"{self.family} ({self.layout}{f', prefixed {self.prefix!r}' if self.prefix else ''})"
-        s += f", config {self.config}" if self.config else ", not a released size"
+        s += f", config {self.config}" if self.config else ", not a released size" if self.family != "lora" else ""
         if self.components:
             s += "; also holds " + ", ".join(f"{f} under {p!r}" for p, f in self.components.items())
         s += f"; {self.quant}-quantised" if self.quant else ""

@@ -38,7 +38,7 @@ def detect(sd: dict[str, Tensor]) -> str:
     keys = list(sd)
     kind = lora_kind(keys)
     if kind is not None and not kind.readable:
-        raise ValueError(f"this is a {kind.name} LoRA, which lora cannot read: {kind.note}")
+        raise ValueError(f"this LoRA is of kind {kind.name!r}, which lora cannot read: {kind.note}")
     if kind is not None:
         return kind.name
     raise ValueError(f"not a LoRA in any known format {FORMATS}: no lora_down/lora_up, lora_A/lora_B or XLabs "

@@ -42,6 +42,6 @@ def test_detect_and_lora_agree_on_the_kind(kind):
         assert lora.detect(sd) == kind.name
         assert (kind.name in lora.FORMATS) == kind.writable
     else:
-        with pytest.raises(ValueError, match=f"this is a {kind.name} LoRA, which lora cannot read"):
+        with pytest.raises(ValueError, match=f"this LoRA is of kind '{kind.name}', which lora cannot read"):
             lora.detect(sd)
         assert kind.note in str(det)
