@@ -4,8 +4,9 @@ Systems: flux, sd, sdxl, sana, panorama, perception, scribble, bridge. `--model`
 (a diffusers repo folder, a folder of separate files, one all-in-one checkpoint). `--image`: the img2img source
 (flux, sd, sdxl), the panorama to perceive (perception), the sketch (scribble) or the source image (bridge).
 `--lora FILE:SCALE` (repeatable): a LoRA file in any format `lora.load` reads, activated at SCALE; for perception
-each file is one task's adapter, named by the file's stem (distance.safetensors -> task "distance"). A tqdm bar
-shows the steps; a summary line gives the seconds, seconds per step and the peak memory.
+each file is one task's adapter, named by the file's stem (distance.safetensors -> task "distance").
+`--attention-maps` (scribble): one cross-attention heatmap per prompt token, OUT-tokNN.png. A tqdm bar shows the
+steps; a summary line gives the seconds (loading apart), seconds per step and the peak memory.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE:SCALE")
     p.add_argument("--tasks", default=None, help="perception: comma-separated adapters to run (default: all)")
     p.add_argument("--sampler", default=None)
+    p.add_argument("--attention-maps", action="store_true",
+                   help="scribble: also write the prompt tokens' cross-attention heatmaps (OUT-tokNN.png)")
     return p
 
 
@@ -138,7 +141,13 @@ def run(a: argparse.Namespace) -> tuple[dict[str, torch.Tensor], int]:
         maps = pipelines.perception.generate(parts, image, tasks, prompt=a.prompt, **run)
         return {f"-{t}": m for t, m in maps.items()}, len(tasks) * (a.steps or 28)
     if s == "scribble":
-        out = pipelines.scribble.generate(parts, image, a.prompt, a.negative_prompt, **run)
+        out = pipelines.scribble.generate(parts, image, a.prompt, a.negative_prompt, attention_maps=a.attention_maps,
+                                          **run)
+        if a.attention_maps:  # one heatmap per token of the prompt (BOS, words, EOS), at the image's size
+            out, maps = out
+            n = len(parts.tok.encode(a.prompt, parts.tok.max_length))
+            heat = pipelines.scribble.token_heatmaps(maps[0], n, tuple(out.shape[-2:]))
+            return {"": out, **{f"-tok{i:02d}": h for i, h in enumerate(heat)}}, a.steps or 50
         return {"": out}, a.steps or 50
     run.pop("guidance", None)
     run.pop("sampler", None)

@@ -83,22 +83,29 @@ def heatmap(m: Tensor) -> Tensor:
     return torch.stack([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)])
 
 
+def token_heatmaps(maps: Tensor, n: int | None = None, size: tuple[int, int] | None = None) -> Tensor:
+    """One image's token maps (T, h, w) -> heatmaps (n, 3, *size) of the first `n` tokens (all T by default),
+    upscaled to `size` (e.g. the image's) when given."""
+    if maps.ndim != 3:
+        raise ValueError(f"token maps are one image's (T, h, w), got shape {tuple(maps.shape)}")
+    n = maps.shape[0] if n is None else n
+    if n > maps.shape[0]:
+        raise ValueError(f"{n} tokens asked for, {maps.shape[0]} token maps recorded")
+    maps = maps[:n]
+    if size is not None:
+        maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    return torch.stack([heatmap(m) for m in maps])
+
+
 def save_attention_maps(maps: Tensor, path: str | Path, labels: Sequence[str] | None = None,
                         size: tuple[int, int] | None = None) -> list[Path]:
     """One image's token maps (T, h, w) -> heatmap PNGs `stem-tokNN[-label].png` beside `path`, for the first
     len(labels) tokens (all T without labels), upscaled to `size` (e.g. the image's) when given."""
-    if maps.ndim != 3:
-        raise ValueError(f"save_attention_maps takes one image's maps (T, h, w), got shape {tuple(maps.shape)}")
-    n = maps.shape[0] if labels is None else len(labels)
-    if n > maps.shape[0]:
-        raise ValueError(f"{n} labels for {maps.shape[0]} token maps")
-    path = Path(path)
-    if size is not None:
-        maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
-    out = []
-    for i in range(n):
+    heat = token_heatmaps(maps, None if labels is None else len(labels), size)
+    path, out = Path(path), []
+    for i in range(heat.shape[0]):
         safe = "" if labels is None else "-" + "".join(c for c in labels[i] if c.isalnum())[:24]
-        out += save_png(heatmap(maps[i]), path.with_name(f"{path.stem}-tok{i:02d}{safe}.png"))
+        out += save_png(heat[i], path.with_name(f"{path.stem}-tok{i:02d}{safe}.png"))
     return out
 
 
@@ -143,4 +150,4 @@ def generate(
 
 
 __all__ = ["ScribbleParts", "generate", "heatmap", "save_attention_maps", "scribble_schedule", "sketch_to_hint",
-           "token_maps"]
+           "token_heatmaps", "token_maps"]

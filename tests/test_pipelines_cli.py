@@ -184,3 +184,25 @@ def test_sana_prompt_through_gemma_and_its_tokenizer(tmp_path, capsys):
     parts = pipelines.load("sana", root)
     want = pipelines.sana.generate(parts, "a cat", steps=2, height=64, width=64, seed=0, progress=False)
     assert (pipelines.load_image(out) - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_scribble_with_its_hint_encoder_and_attention_heatmaps(sd_folder, tmp_path, capsys):
+    from zoo.hint_encoder import HintEncoder
+
+    root = tmp_path / "scribble"
+    shutil.copytree(sd_folder, root)
+    enc = randomize(HintEncoder.for_unet(zoo.build("tiny-unet"), hint_channels=1, zero_init=False), seed=9, std=0.1)
+    save_file(enc.state_dict(), root / "hint_encoder.safetensors")
+    (root / "hint_encoder.json").write_text(json.dumps({"hint_channels": 1, "zero_init": False}))
+    sketch = tmp_path / "sketch.png"
+    pipelines.save_png((torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) > 0.8).float(), sketch)
+    out = tmp_path / "cat.png"
+    assert main(["scribble", "--model", str(root), "--image", str(sketch), "--prompt", "a cat", "--out", str(out),
+                 "--steps", "2", "--guidance", "2", "--attention-maps"]) == 0, capsys.readouterr().err
+    parts = pipelines.load("scribble", root)
+    assert torch.equal(parts.adapter.heads[0].weight, enc.heads[0].weight)
+    want = pipelines.scribble.generate(parts, pipelines.load_image(sketch), "a cat", steps=2, guidance=2.0, seed=0,
+                                       progress=False)
+    assert (pipelines.load_image(out) - want).abs().max() <= 1 / 255 + 1e-6
+    n = len(parts.tok.encode("a cat"))  # <start>, a, cat, <end>
+    assert sorted(p.name for p in tmp_path.glob("cat-tok*.png")) == [f"cat-tok{i:02d}.png" for i in range(n)]
