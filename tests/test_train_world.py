@@ -7,20 +7,12 @@ import time
 import pytest
 import torch
 from conftest import randomize
+from test_world_model import one_thread  # noqa: F401  (autouse: one thread for tiny tensors)
 
 import zoo
 from pipelines.world_model import psnr, rollout, save_gif, save_strip
 
 pytest.importorskip("ale_py")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rollout_shapes_determinism_and_guidance():
