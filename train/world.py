@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     model_psnr, copy_psnr = next_frame_psnr(model, held_set, picks, **sample)
 
     # 4. roll out from held-out starts under the held-out actions: ground truth row vs model row
-    rows, n = [], args.rollout
+    rows, stills, n = [], [], args.rollout
     lengths = held_eps.ends - held_eps.starts
     long_enough = [e for e in range(len(held_eps.starts)) if lengths[e] > k + n]
     if not long_enough:
@@ -215,16 +215,22 @@ def main(argv: list[str] | None = None) -> int:
         actions = torch.from_numpy(held_eps.actions[start : start + k + n - 1].copy())[None]
         generated = rollout(model, frames[:, :k], actions, progress=progress, **sample)[0]
         rows += [frames[0, k:], generated]
+        stills.append(frames[0, k - 1].expand_as(generated))  # the baseline: the last given frame held still
+    truth, ours, still = (torch.cat(r) for r in (rows[0::2], rows[1::2], stills))
+    rollout_psnr, still_psnr = psnr(ours, truth), psnr(still, truth)
     save_strip(out / "rollout.png", rows, scale=2)
     save_gif(out / "rollout.gif", torch.cat([rows[0], rows[1]], dim=-1), scale=2)
 
     total = time.perf_counter() - tic
     summary = {"psnr_model": model_psnr, "psnr_copy_last_frame": copy_psnr, "eval_windows": len(picks),
                "train_seconds": trained - tic, "total_seconds": total, "steps": args.steps, "batch": args.batch,
-               "final_loss": result.losses[-1], "config": args.config, "sample": sample}
+               "final_loss": result.losses[-1], "config": args.config, "sample": sample,
+               "rollout_frames": n, "psnr_rollout_model": rollout_psnr, "psnr_rollout_last_frame_held": still_psnr}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     verdict = "beats" if model_psnr > copy_psnr else "does not beat"
     print(f"held-out next-frame PSNR over {len(picks)} windows: model {model_psnr:.2f} dB, copy-last-frame "
           f"{copy_psnr:.2f} dB -> the model {verdict} the baseline")
+    print(f"{n}-frame rollouts from {args.starts} held-out start(s), PSNR over all frames: "
+          f"model {rollout_psnr:.2f} dB, last given frame held {still_psnr:.2f} dB")
     print(f"wrote {out / 'rollout.png'}, {out / 'rollout.gif'}, {out / 'loss.png'} in {total:.0f} s")
     return 0
