@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny models with random non-zero weights, and the full-size key manifests in tests/manifests/."""
+"""Shared fixtures: tiny models with random non-zero weights, the diffusers peers built once per session, and the
+full-size key manifests in tests/manifests/. Fixtures hand out models in eval mode; a test must not change them."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"  # copies of shared/manifests: a fresh clone has them
@@ -29,3 +31,54 @@ def manifest(name: str) -> dict[str, tuple[list[int], str]]:
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to the output's scale (max |b|)."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ---- tiny models and their peers, built once per test session ----
+
+# a tiny Flux in the official constructor's names, and the diffusers FluxTransformer2DModel of the same shape
+FLUX_TINY = dict(in_channels=16, vec_in_dim=24, context_in_dim=40, hidden_size=64, mlp_ratio=4.0, num_heads=4,
+                 depth=2, depth_single_blocks=3, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux() -> torch.nn.Module:
+    """The shipped `tiny-flux` config with random non-zero weights (seed 0)."""
+    import zoo
+
+    return randomize(zoo.build("tiny-flux"), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def flux_peer():
+    """guidance (bool) -> diffusers' FluxTransformer2DModel shaped like FLUX_TINY, random weights (seed 1), cached."""
+    diffusers = pytest.importorskip("diffusers")
+    built: dict[bool, torch.nn.Module] = {}
+
+    def peer(guidance: bool) -> torch.nn.Module:
+        if guidance not in built:
+            m = diffusers.FluxTransformer2DModel(
+                patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                num_attention_heads=4, joint_attention_dim=40, pooled_projection_dim=24, guidance_embeds=guidance,
+                axes_dims_rope=(4, 6, 6))
+            built[guidance] = randomize(m, seed=1, std=0.1).eval()
+        return built[guidance]
+
+    return peer
+
+
+@pytest.fixture(scope="session")
+def unet_peers() -> dict[str, torch.nn.Module]:
+    """diffusers UNet2DConditionModels shaped like `tiny-unet` (SD1.x-like) and `tiny-sdxl`, random weights."""
+    diffusers = pytest.importorskip("diffusers")
+    sd15 = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2)
+    sdxl = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
+        attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 24)
+    return {"tiny-unet": randomize(sd15, seed=1, std=0.1).eval(), "tiny-sdxl": randomize(sdxl, seed=2, std=0.1).eval()}

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import manifest, randomize
+from tests.conftest import manifest
 from zoo.flux import DoubleStreamBlock, LastLayer, SingleStreamBlock, img_ids, pack, txt_ids, unpack
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return randomize(zoo.build("tiny-flux"), seed=0).eval()
+def tiny(tiny_flux):
+    return tiny_flux
 
 
 def inputs(model, b=2, lh=8, lw=12, lt=5):

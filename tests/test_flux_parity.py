@@ -6,26 +6,17 @@ import torch
 
 import zoo
 from checkpoints_convert import KeyMapError, flux_from_diffusers, flux_to_diffusers
+from tests.conftest import FLUX_TINY as TINY
 from tests.conftest import max_rel_err, randomize
 from zoo.flux import img_ids, txt_ids
 
-diffusers = pytest.importorskip("diffusers")
-
-TINY = dict(in_channels=16, vec_in_dim=24, context_in_dim=40, hidden_size=64, mlp_ratio=4.0, num_heads=4,
-            depth=2, depth_single_blocks=3, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True)
-
-
-def peer(guidance: bool) -> torch.nn.Module:
-    m = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=40, pooled_projection_dim=24, guidance_embeds=guidance,
-        axes_dims_rope=(4, 6, 6))
-    return randomize(m, seed=1, std=0.1).eval()
+pytest.importorskip("diffusers")
+# diffusers' own converter vs ours at full width: tests/test_convert.py (one test for it, not two)
 
 
 @pytest.mark.parametrize("guidance", [True, False])
-def test_flux_matches_diffusers_on_converted_weights(guidance):
-    ref = peer(guidance)
+def test_flux_matches_diffusers_on_converted_weights(guidance, flux_peer):
+    ref = flux_peer(guidance)
     ours = zoo.build({"arch": "flux", **TINY, "guidance_embed": guidance}).eval()
     ours.load_state_dict(flux_from_diffusers(ref.state_dict()), strict=True)
 
@@ -53,20 +44,6 @@ def test_flux_key_map_round_trips_bit_exactly():
     assert sorted(back) == sorted(sd)
     for k in sd:
         assert back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]), k
-
-
-def test_flux_to_diffusers_equals_diffusers_own_conversion_at_full_width():
-    # diffusers' converter hard-codes width 3072 and mlp_ratio 4, so compare at full width with few blocks (fp16)
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
-
-    model = zoo.build("flux-dev", device="meta", depth=1, depth_single_blocks=2)
-    g = torch.Generator().manual_seed(0)
-    sd = {k: torch.randn(v.shape, generator=g, dtype=torch.float16) for k, v in model.state_dict().items()}
-    ours = flux_to_diffusers(dict(sd))
-    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
-    assert sorted(ours) == sorted(theirs)
-    for k in theirs:
-        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
 
 
 def test_flux_key_map_reports_leftover_and_missing_keys():

@@ -10,26 +10,17 @@ from checkpoints_convert.unet import unet_from_diffusers, unet_to_diffusers
 from layers.embeddings import timestep_embedding
 from tests.conftest import max_rel_err, randomize
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 
 
-def sd15_like():
-    m = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2)
-    return randomize(m, seed=1, std=0.1).eval()
+@pytest.fixture(scope="module")
+def sd15_like(unet_peers):
+    return unet_peers["tiny-unet"]
 
 
-def sdxl_like():
-    m = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
-        attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 24)
-    return randomize(m, seed=2, std=0.1).eval()
+@pytest.fixture(scope="module")
+def sdxl_like(unet_peers):
+    return unet_peers["tiny-sdxl"]
 
 
 def loaded(name, ref):
@@ -38,8 +29,8 @@ def loaded(name, ref):
     return ours
 
 
-def test_sd15_like_unet_matches_diffusers():
-    ref = sd15_like()
+def test_sd15_like_unet_matches_diffusers(sd15_like):
+    ref = sd15_like
     ours = loaded("tiny-unet", ref)
     g = torch.Generator().manual_seed(0)
     x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10.0, 700.0])
@@ -50,8 +41,8 @@ def test_sd15_like_unet_matches_diffusers():
     assert max_rel_err(got, want) <= 1e-5
 
 
-def test_sd15_like_control_and_features_match_diffusers_residual_inputs():
-    ref = sd15_like()
+def test_sd15_like_control_and_features_match_diffusers_residual_inputs(sd15_like):
+    ref = sd15_like
     ours = loaded("tiny-unet", ref)
     g = torch.Generator().manual_seed(1)
     x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([3.0, 400.0])
@@ -71,8 +62,8 @@ def test_sd15_like_control_and_features_match_diffusers_residual_inputs():
         assert max_rel_err(got, want) <= 1e-5
 
 
-def test_sdxl_like_unet_with_text_time_and_y_matches_diffusers():
-    ref = sdxl_like()
+def test_sdxl_like_unet_with_text_time_and_y_matches_diffusers(sdxl_like):
+    ref = sdxl_like
     ours = loaded("tiny-sdxl", ref)
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 7, 48, generator=g)
