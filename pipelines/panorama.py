@@ -117,7 +117,8 @@ def generate(
         tile = DEFAULT_TILE
     with on_device(parts, "ae"):
         z = ae.from_model_space(unpack(x, lh, lw)).to(model_dtype(ae))
-        return to_unit(ae.decode(z, tile=tile, circular=circular_decode))
+        overlap = min(16, tile // 4) if tile is not None else 16  # latent pixels blended between tiles
+        return to_unit(ae.decode(z, tile=tile, overlap=overlap, circular=circular_decode))
 
 
 __all__ = ["check_panorama_size", "generate", "seam_score"]
