@@ -43,11 +43,12 @@ def test_unet_compiles_in_one_graph_and_matches_eager():
     assert_compiles_like_eager(model, args, {"context": torch.randn(1, 5, 32, generator=g)}, backend="aot_eager")
 
 
-def test_sana_compiles_in_one_graph_and_matches_eager():
+def test_sana_with_a_caption_mask_compiles_in_one_graph_and_matches_eager():
     model = tiny("tiny-sana")
     g = torch.Generator().manual_seed(2)
-    args = (torch.randn(1, 8, 4, 6, generator=g), torch.tensor([10.0]), torch.randn(1, 1, 5, 48, generator=g))
-    assert_compiles_like_eager(model, args, {}, backend="aot_eager")
+    args = (torch.randn(2, 8, 4, 6, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 1, 5, 48, generator=g))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # a padded caption, as the pipelines pass it
+    assert_compiles_like_eager(model, args, {"mask": mask}, backend="aot_eager")
 
 
 def test_autoencoder_round_trip_compiles_in_one_graph_and_matches_eager():

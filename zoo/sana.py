@@ -239,8 +239,9 @@ def check_inputs(model: Sana, x: Tensor, timestep, y: Tensor, mask: Tensor | Non
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({b}, {y.shape[1]}) "
                              f"to match the caption y {y_shape}")
         mask = mask.bool().expand(b, -1)
-        # a fully masked row would make the softmax 0/0 (a data check: skipped on meta)
-        if mask.device.type != "meta" and not mask.any(dim=1).all():
+        # a fully masked row would make the softmax 0/0 (a data check: skipped on meta and inside torch.compile,
+        # where branching on tensor values would break the graph)
+        if mask.device.type != "meta" and not torch.compiler.is_compiling() and not mask.any(dim=1).all():
             raise ValueError(f"mask rows {torch.nonzero(~mask.any(dim=1)).flatten().tolist()} keep no caption "
                              "token; keep at least one")
     timestep = batch_timesteps(timestep, b, device=x.device, dtype=torch.float32, name="timestep")
