@@ -42,11 +42,13 @@ class Pair:
     run_ref: Callable[[nn.Module], Tensor]
 
 
-def _randomize(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+def randomize(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Every parameter drawn from N(0, std): trained-like magnitudes, nothing zero."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, std)
+    return model
 
 
 def _adopt(ours_spec, sd: dict[str, Tensor], share: bool, **overrides) -> nn.Module:
@@ -69,7 +71,7 @@ def flux(hidden: int = 1024, heads: int = 16, double: int = 2, single: int = 4, 
             patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
             attention_head_dim=hidden // heads, num_attention_heads=heads, joint_attention_dim=4096,
             pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=tuple(axes_dim))
-        _randomize(ref)
+        randomize(ref)
     ref = (ref if dtype == torch.float32 else ref.to(dtype)).eval()  # .to warns needlessly in fp32
     ours = _adopt("flux-dev", flux_from_diffusers(ref.state_dict()), share, hidden_size=hidden, num_heads=heads,
                   depth=double, depth_single_blocks=single, axes_dim=list(axes_dim))
@@ -138,7 +140,7 @@ def sana(depth: int = 4, size: int = 512, device="cpu", dtype: torch.dtype = tor
             in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=depth,
             num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
             caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)
-        _randomize(ref)
+        randomize(ref)
     ref = (ref if dtype == torch.float32 else ref.to(dtype)).eval()  # .to warns needlessly in fp32
     ours = _adopt("sana-600m", sana_from_diffusers(ref.state_dict()), share, depth=depth)
     side = size // 32
@@ -161,7 +163,7 @@ def vae_decode(latent: int = 32, family: str = "sd", ch: int = 128, device="cpu"
 
     spec, channels = {"sd": ("vae-sd", 4), "flux": ("vae-flux", 16)}[family]
     ours = zoo.build(spec, device=device, ch=ch)
-    _randomize(ours)
+    randomize(ours)
     ours = (ours if dtype == torch.float32 else ours.to(dtype)).eval()
     p = ours.params
     with torch.device(device):

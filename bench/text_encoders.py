@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
 from bench.common import exact_rss, median_times, peak_rss_during  # noqa: E402
-from bench.pairs import rel_err  # noqa: E402
+from bench.pairs import randomize, rel_err  # noqa: E402
 
 BATCH = 4
 T5_MID = dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=8, num_heads=16,
@@ -28,20 +28,12 @@ T5_MID = dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=8, 
               feed_forward_proj="gated-gelu")
 
 
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval()
-
-
 def clip_l():
     import transformers
 
     cfg = zoo.get_config("clip-l")
     fields = {k: v for k, v in vars(cfg).items() if k != "with_projection"}
-    peer = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**fields)))
+    peer = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**fields))).eval()
     ours = zoo.build("clip-l", device="meta")
     # transformers 5 drops the `text_model.` prefix that the files (and our native names) carry
     sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in peer.state_dict().items()}
@@ -57,7 +49,7 @@ def clip_l():
 def t5_mid():
     import transformers
 
-    peer = randomize(transformers.T5EncoderModel(transformers.T5Config(**T5_MID)))
+    peer = randomize(transformers.T5EncoderModel(transformers.T5Config(**T5_MID))).eval()
     ours = zoo.build({"arch": "t5_encoder", **T5_MID}, device="meta")
     ours.load_state_dict(peer.state_dict(), strict=True, assign=True)
     ids = torch.randint(2, 32000, (BATCH, 256), generator=torch.Generator().manual_seed(1))
