@@ -4,8 +4,9 @@
   `config.json`); every component the index lists must be there;
 - ComfyUI-style separate files in one folder (or a {role: file} dict): the transformer/UNet, `ae.safetensors`,
   `clip_l.safetensors`, `t5xxl_*.safetensors`, ...; each file's model is recognised by `checkpoints_convert.detect`;
-- one all-in-one checkpoint (SD1.x/2.x/SDXL: UNet + VAE + text encoders under their LDM/SGM prefixes), split by
-  `checkpoints_convert.detect_all` / `select`.
+- one all-in-one checkpoint (SD1.x/2.x/SDXL: UNet + VAE + text encoders under their LDM/SGM prefixes; an official
+  LBM file: `denoiser.` + `vae.vae_model.`, its `bridge_noise_sigma` from the YAML beside), split by
+  `checkpoints_convert.detect_all` / `select` and the prefixes below.
 Every component goes through `zoo.load` (any layout, converted to the official one) with its own dtype; tokenizers
 come from `tokenizer/`, `tokenizer_2/` subfolders when present. A missing required component is an error naming it
 and the file expected; text encoders that are absent from a loose folder stay None (then pass conditioning=).
@@ -52,11 +53,13 @@ EXPECTED = {"model": "a Flux transformer file (e.g. flux1-dev.safetensors)", "ae
             "sana_model": "a Sana transformer file", "sana_vae": "a DC-AE file (e.g. dc-ae-f32c32-sana-1.0)"}
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
            "model.safetensors.index.json")
-# LDM/SGM prefixes of the text encoders inside all-in-one checkpoints (and ComfyUI saves): CLIP-L in transformers
-# layout, SD2.x's OpenCLIP-H and SDXL's OpenCLIP-bigG in open_clip layout (checkpoints_convert reads both)
-TEXT_PREFIXES = {"cond_stage_model.transformer.": "clip", "conditioner.embedders.0.transformer.": "clip",
-                 "text_encoders.clip_l.transformer.": "clip", "cond_stage_model.model.": "clip",
-                 "conditioner.embedders.1.model.": "clip_g"}
+# prefixes `detect` does not strip, with the part found under each: the text encoders inside LDM/SGM all-in-one
+# checkpoints (and ComfyUI saves) -- CLIP-L in transformers layout, SD2.x's OpenCLIP-H and SDXL's OpenCLIP-bigG in
+# open_clip layout (checkpoints_convert reads both) -- and the parts of an official LBM file (`LBMModel.state_dict()`:
+# the diffusers UNet as `denoiser.`, the diffusers VAE as `vae.vae_model.`)
+PREFIXES = {"cond_stage_model.transformer.": "clip", "conditioner.embedders.0.transformer.": "clip",
+            "text_encoders.clip_l.transformer.": "clip", "cond_stage_model.model.": "clip",
+            "conditioner.embedders.1.model.": "clip_g", "denoiser.": "unet", "vae.vae_model.": "vae"}
 SDXL_SCALE = 0.13025  # SGM's SDXL VAE scale; its shapes are SD's, so a file without config reads as 0.18215
 
 
@@ -126,13 +129,13 @@ def _from_files(files: list[Path], system: str) -> dict[str, Any]:
         except CheckpointError:
             continue  # not a model file of ours (a LoRA, ...): the roles left empty are reported by the caller
         subs: list[tuple] = [(det, None) for det in dets]
-        for p, text_role in TEXT_PREFIXES.items():  # text encoders sit under prefixes detect does not strip
+        for p, part in PREFIXES.items():
             if any(k.startswith(p) for k in ck):
                 sub = {k[len(p):]: v for k, v in ck.items() if k.startswith(p)}
-                subs += [(det, sub, text_role) for det in detect_all(sub) if not det.prefix]
-        for det, sub, *text_role in subs:
+                subs += [(det, sub, part) for det in detect_all(sub) if not det.prefix]
+        for det, sub, *part in subs:
             role = _role(det, system)
-            role = text_role[0] if text_role and role is not None else role
+            role = part[0] if part and role is not None else role
             if role is None:
                 continue
             if role in found:

@@ -117,3 +117,18 @@ def test_all_in_one_sdxl_checkpoint_reads_both_text_encoders_and_sets_the_sdxl_v
     parts = pipelines.load("sdxl", tmp_path / "sdxl-tiny.safetensors")
     assert parts.is_sdxl and parts.vae.scale_factor == 0.13025
     assert same(parts.clip, clip_l.state_dict()) and same(parts.clip_g, clip_g.state_dict())
+
+
+def test_an_official_lbm_file_and_its_yaml_give_the_bridge_parts(tmp_path):
+    from checkpoints_convert import unet_from_diffusers
+    from tests.test_pipelines_bridge import diffusers_unet, diffusers_vae
+
+    unet, vae = diffusers_unet(4), diffusers_vae()  # LBMModel.state_dict(): denoiser. + vae.vae_model.
+    save_file({**{f"denoiser.{k}": v for k, v in unet.state_dict().items()},
+               **{f"vae.vae_model.{k}": v for k, v in vae.state_dict().items()}}, tmp_path / "model.safetensors")
+    (tmp_path / "config.yaml").write_text("backbone_signature: stabilityai/stable-diffusion-xl-base-1.0\n"
+                                          "bridge_noise_sigma: 0.005\n")
+    parts = pipelines.load("bridge", tmp_path)
+    assert isinstance(parts, pipelines.bridge.BridgeParts) and parts.sigma_b == 0.005
+    assert same(parts.unet, unet_from_diffusers(unet.state_dict()))
+    assert same(parts.vae, autoencoder_from_diffusers(vae.state_dict()))
