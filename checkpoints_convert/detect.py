@@ -234,7 +234,7 @@ def _detect_lora(sd: Mapping[str, Tensor], kind: LoRAKind) -> Detection:
     ) if re.search(pat, joined)), None)
     ranks = lora_ranks(sd, kind)
     note = f"base family {base or 'unknown'}, rank(s) {ranks or '?'}" + (f"; {kind.note}" if kind.note else "")
-    return Detection("lora", kind.layout, note=note, fields={"base": base, "ranks": ranks})
+    return Detection("lora", kind.name, note=note, fields={"base": base, "ranks": ranks})
 
 
 def detect(sd: Mapping[str, Tensor]) -> Detection:

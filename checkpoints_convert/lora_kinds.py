@@ -1,8 +1,7 @@
 """The kinds of LoRA file, told apart by their keys: one table for `checkpoints_convert.detect` and `lora`.
 
-A kind's `name` is the LoRA format `lora` reads and writes (`lora.detect`, `lora.convert(to=...)`); `layout` is
-what `detect` reports as a LoRA's `Detection.layout` (the same name, except the diffusers pipeline files, which
-`detect` has always called by their key layout, PEFT's). The first kind whose `matches` holds is the file's kind.
+A kind's `name` is the LoRA format `lora` reads and writes (`lora.detect`, `lora.convert(to=...)`) and what `detect`
+reports as a LoRA's `Detection.layout`: one name per kind. The first kind whose `matches` holds is the file's kind.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ PROCESSOR = re.compile(r"_lora\.(down|up)\.weight$")  # diffusers' attention-pro
 @dataclass(frozen=True)
 class LoRAKind:
     name: str
-    layout: str
     matches: Callable[[list[str]], bool]
     down: tuple[str, ...] = ()  # key endings of the (rank, in) factor: where the ranks are read
     readable: bool = True  # False: recognised, so named in errors, but `lora` cannot read it
@@ -31,19 +29,19 @@ class LoRAKind:
 
 KINDS: tuple[LoRAKind, ...] = (
     # LyCORIS (kohya-style or official module names, `.alpha` keys); a file may mix them with plain LoRA modules
-    LoRAKind("loha", "loha", lambda keys: any(k.endswith(".hada_w1_a") for k in keys), (".hada_w1_b",),
+    LoRAKind("loha", lambda keys: any(k.endswith(".hada_w1_a") for k in keys), (".hada_w1_b",),
              writable=False),
-    LoRAKind("lokr", "lokr", lambda keys: any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in keys),
+    LoRAKind("lokr", lambda keys: any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in keys),
              (".lokr_w1_b", ".lokr_w2_b"), writable=False),
-    LoRAKind("xlabs", "xlabs", lambda keys: any(XLABS_KEY.match(k) for k in keys), (".down.weight",)),
-    LoRAKind("kohya", "kohya", lambda keys: any(KOHYA_PREFIX.match(k) and k.endswith(DOWN_UP) for k in keys),
+    LoRAKind("xlabs", lambda keys: any(XLABS_KEY.match(k) for k in keys), (".down.weight",)),
+    LoRAKind("kohya", lambda keys: any(KOHYA_PREFIX.match(k) and k.endswith(DOWN_UP) for k in keys),
              (".lora_down.weight",)),
-    LoRAKind("diffusers", "peft", lambda keys: any(k.endswith(PEFT_AB) for k in keys),
+    LoRAKind("diffusers", lambda keys: any(k.endswith(PEFT_AB) for k in keys),
              (".lora_A.weight", ".lora.down.weight")),
-    LoRAKind("comfy", "comfy", lambda keys: any(k.endswith(DOWN_UP) for k in keys)
+    LoRAKind("comfy", lambda keys: any(k.endswith(DOWN_UP) for k in keys)
              and any(k.startswith("diffusion_model.") for k in keys), (".lora_down.weight",)),
-    LoRAKind("ours", "ours", lambda keys: any(k.endswith(DOWN_UP) for k in keys), (".lora_down.weight",)),
-    LoRAKind("attn-processor", "attn-processor", lambda keys: any(PROCESSOR.search(k) for k in keys),
+    LoRAKind("ours", lambda keys: any(k.endswith(DOWN_UP) for k in keys), (".lora_down.weight",)),
+    LoRAKind("attn-processor", lambda keys: any(PROCESSOR.search(k) for k in keys),
              ("_lora.down.weight",), readable=False,
              note="diffusers' old attention-processor LoRA (to_q_lora.down.weight); load it in diffusers and save "
                   "it again (save_lora_weights) to get a file `lora` reads"),

@@ -63,7 +63,7 @@ def test_lora_kinds_and_base_family():
              "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}
     peft = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": a,
             "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": b}
-    for sd, kind in ((kohya, "kohya"), (peft, "peft")):
+    for sd, kind in ((kohya, "kohya"), (peft, "diffusers")):
         det = detect(sd)
         assert (det.family, det.layout, det.fields["base"], det.fields["ranks"]) == ("lora", kind, "flux", [4])
 

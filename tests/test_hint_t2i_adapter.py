@@ -7,7 +7,6 @@ import torch
 import zoo
 from checkpoints_convert.unet import t2i_adapter_from_diffusers, t2i_adapter_to_diffusers, unet_from_diffusers
 from tests.conftest import max_rel_err, randomize
-from tests.test_unet_parity import sd15_like
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -26,7 +25,7 @@ def test_released_sd15_adapter_layout_on_meta():
     assert not any(k.startswith(("body.6.in_conv", "body.0.in_conv")) or "skep" in k for k in sd)
 
 
-def test_t2i_adapter_matches_diffusers_and_its_features_drive_the_unet_identically():
+def test_t2i_adapter_matches_diffusers_and_its_features_drive_the_unet_identically(unet_peers):
     ref = randomize(diffusers.T2IAdapter(in_channels=1, channels=[32, 64, 64], num_res_blocks=2, downscale_factor=8,
                                          adapter_type="full_adapter"), seed=7, std=0.1).eval()
     ours = zoo.build(TINY).eval()
@@ -39,7 +38,7 @@ def test_t2i_adapter_matches_diffusers_and_its_features_drive_the_unet_identical
     for a, b in zip(got, want):
         assert max_rel_err(a, b) <= 1e-5
 
-    dunet = sd15_like()
+    dunet = unet_peers["tiny-unet"]
     unet = zoo.build("tiny-unet").eval()
     unet.load_state_dict(unet_from_diffusers(dunet.state_dict()), strict=True)
     feats = ours.features_for(unet, got)

@@ -1,6 +1,7 @@
 """LoRA files: a diffusers/PEFT Flux LoRA in our Flux equals diffusers; lossless round trips; detection; bad input."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -232,14 +233,14 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv2", "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
 
 
-def test_diffusers_unet_lora_in_our_unet_matches_diffusers(tmp_path):
+def test_diffusers_unet_lora_in_our_unet_matches_diffusers(tmp_path, unet_peers):
     peft = pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from tests.test_unet_parity import loaded, sd15_like
+    from tests.test_unet_parity import loaded
 
-    ref = sd15_like()
+    ref = copy.deepcopy(unet_peers["tiny-unet"])  # the session's peer gains adapters here
     ours = loaded("tiny-unet", ref)
     config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=UNET_TARGETS, rank_pattern={"conv1": 2},
                              alpha_pattern={"to_v": 1.0})
@@ -275,14 +276,14 @@ def test_sd_presets_on_full_size_unets():
     assert len(lora.inject(zoo.build("sdxl-base", device="meta"), "sd-attn", rank=4)) == 70 * 8
 
 
-def test_kohya_sd15_lora_written_by_diffusers_loads_into_our_unet():
+def test_kohya_sd15_lora_written_by_diffusers_loads_into_our_unet(unet_peers):
     peft = pytest.importorskip("peft")
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    from tests.test_unet_parity import loaded, sd15_like
+    from tests.test_unet_parity import loaded
 
-    ref = sd15_like()
+    ref = copy.deepcopy(unet_peers["tiny-unet"])  # the session's peer gains adapters here
     ours = loaded("tiny-unet", ref)
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS)  # kohya's writer: alpha = rank
     add_random_adapter(ref, config, seed=6, std=0.1)

@@ -37,7 +37,7 @@ def test_every_kind_has_a_sample():
 def test_detect_and_lora_agree_on_the_kind(kind):
     sd = SAMPLES[kind.name]
     det = cc.detect(sd)  # never raises for a LoRA of a known kind (an XLabs file did)
-    assert (det.family, det.layout, det.fields["ranks"]) == ("lora", kind.layout, [4])
+    assert (det.family, det.layout, det.fields["ranks"]) == ("lora", kind.name, [4])  # one name for each kind
     if kind.readable:
         assert lora.detect(sd) == kind.name
         assert (kind.name in lora.FORMATS) == kind.writable
