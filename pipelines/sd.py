@@ -213,6 +213,9 @@ def generate(
     if adapter_image is not None:
         if parts.adapter is None:
             raise ValueError("adapter_image given, but the SD parts have no adapter (T2I-Adapter / hint encoder)")
+        if adapter_image.ndim != 4 or tuple(adapter_image.shape[-2:]) != (height, width):
+            raise ValueError(f"adapter_image has shape {tuple(adapter_image.shape)}, expected (B, C, {height}, "
+                             f"{width}): the adapter's features must land on this image's latent grid")
         features = adapter_features(parts, adapter_image, adapter_strength, b, device)
         if halves == 2:
             features = {i: torch.cat([f, f]) for i, f in features.items()}

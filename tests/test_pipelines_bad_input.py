@@ -79,3 +79,12 @@ def test_save_png_names_the_suffix_and_writes_nothing_else(tmp_path):
     assert [p.name for p in paths] == ["out-0.png", "out-1.png"]
     back = pipelines.load_image(paths[0])
     assert back.shape == (1, 3, 8, 8)
+
+
+def test_adapter_image_of_another_size_is_named(sd_parts):
+    from zoo.hint_encoder import HintEncoder
+
+    parts = pipelines.sd.SDParts(unet=sd_parts.unet, vae=sd_parts.vae, adapter=HintEncoder.for_unet(sd_parts.unet))
+    with pytest.raises(ValueError, match=r"adapter_image has shape \(1, 1, 64, 64\), expected \(B, C, 32, 32\)"):
+        pipelines.sd.generate(parts, conditioning={"context": torch.randn(1, 3, 32)},
+                              adapter_image=torch.rand(1, 1, 64, 64), height=32, width=32, guidance=1.0, progress=False)
