@@ -66,19 +66,33 @@ def flux_peer():
     return peer
 
 
-@pytest.fixture(scope="session")
-def unet_peers() -> dict[str, torch.nn.Module]:
-    """diffusers UNet2DConditionModels shaped like `tiny-unet` (SD1.x-like) and `tiny-sdxl`, random weights."""
-    diffusers = pytest.importorskip("diffusers")
-    sd15 = diffusers.UNet2DConditionModel(
+def sd15_like() -> torch.nn.Module:
+    """A fresh diffusers UNet2DConditionModel shaped like `tiny-unet` (SD1.x-like), random weights (seed 1)."""
+    import diffusers
+
+    m = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=2)
-    sdxl = diffusers.UNet2DConditionModel(
+    return randomize(m, seed=1, std=0.1).eval()
+
+
+def sdxl_like() -> torch.nn.Module:
+    """A fresh diffusers UNet2DConditionModel shaped like `tiny-sdxl` (text_time conditioning), random weights."""
+    import diffusers
+
+    m = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
         attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 24)
-    return {"tiny-unet": randomize(sd15, seed=1, std=0.1).eval(), "tiny-sdxl": randomize(sdxl, seed=2, std=0.1).eval()}
+    return randomize(m, seed=2, std=0.1).eval()
+
+
+@pytest.fixture(scope="session")
+def unet_peers() -> dict[str, torch.nn.Module]:
+    """`sd15_like()` and `sdxl_like()` built once, for tests that only read them (use the functions to modify)."""
+    pytest.importorskip("diffusers")
+    return {"tiny-unet": sd15_like(), "tiny-sdxl": sdxl_like()}

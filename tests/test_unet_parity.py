@@ -8,18 +8,18 @@ import zoo
 from checkpoints_convert import KeyMapError
 from checkpoints_convert.unet import unet_from_diffusers, unet_to_diffusers
 from layers.embeddings import timestep_embedding
-from tests.conftest import max_rel_err, randomize
+from tests.conftest import max_rel_err, randomize, sd15_like, sdxl_like  # noqa: F401 (imported from here too)
 
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def sd15_like(unet_peers):
+def sd15_ref(unet_peers):
     return unet_peers["tiny-unet"]
 
 
 @pytest.fixture(scope="module")
-def sdxl_like(unet_peers):
+def sdxl_ref(unet_peers):
     return unet_peers["tiny-sdxl"]
 
 
@@ -29,8 +29,8 @@ def loaded(name, ref):
     return ours
 
 
-def test_sd15_like_unet_matches_diffusers(sd15_like):
-    ref = sd15_like
+def test_sd15_like_unet_matches_diffusers(sd15_ref):
+    ref = sd15_ref
     ours = loaded("tiny-unet", ref)
     g = torch.Generator().manual_seed(0)
     x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10.0, 700.0])
@@ -41,8 +41,8 @@ def test_sd15_like_unet_matches_diffusers(sd15_like):
     assert max_rel_err(got, want) <= 1e-5
 
 
-def test_sd15_like_control_and_features_match_diffusers_residual_inputs(sd15_like):
-    ref = sd15_like
+def test_sd15_like_control_and_features_match_diffusers_residual_inputs(sd15_ref):
+    ref = sd15_ref
     ours = loaded("tiny-unet", ref)
     g = torch.Generator().manual_seed(1)
     x, c, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([3.0, 400.0])
@@ -62,8 +62,8 @@ def test_sd15_like_control_and_features_match_diffusers_residual_inputs(sd15_lik
         assert max_rel_err(got, want) <= 1e-5
 
 
-def test_sdxl_like_unet_with_text_time_and_y_matches_diffusers(sdxl_like):
-    ref = sdxl_like
+def test_sdxl_like_unet_with_text_time_and_y_matches_diffusers(sdxl_ref):
+    ref = sdxl_ref
     ours = loaded("tiny-sdxl", ref)
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 7, 48, generator=g)
