@@ -3,7 +3,7 @@ from checkpoints_convert.autoencoder import autoencoder_from_diffusers, autoenco
 from checkpoints_convert.convert import cast, convert
 from checkpoints_convert.detect import DetectError, Detection, detect
 from checkpoints_convert.flux import flux_from_diffusers, flux_to_diffusers
-from checkpoints_convert.io import Checkpoint, CheckpointError, load_file, save_file
+from checkpoints_convert.io import Checkpoint, CheckpointError, atomic_path, load_file, save_file
 from checkpoints_convert.keymap import Entry, KeyMapError, to_diffusers, to_official
 from checkpoints_convert.sana import sana_from_diffusers, sana_to_diffusers
 from checkpoints_convert.unet import (
@@ -16,6 +16,7 @@ from checkpoints_convert.unet import (
 )
 
 __all__ = [
+    "atomic_path",
     "autoencoder_from_diffusers", "autoencoder_to_diffusers",
     "flux_from_diffusers", "flux_to_diffusers", "Entry", "KeyMapError", "to_diffusers", "to_official",
     "sana_from_diffusers", "sana_to_diffusers",

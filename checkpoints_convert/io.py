@@ -16,7 +16,8 @@ import struct
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -306,6 +307,20 @@ def _bytes_of(t: Tensor):
     return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; renamed over `path` when the block ends without error, removed
+    when it fails, so `path` is never half-written. Files written by every package go through it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None, *,
               source: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
               transform: Callable[[Tensor], Tensor] | None = None) -> Path:
@@ -338,21 +353,15 @@ def save_file(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapp
             **{str(k): str(v) for k, v in (metadata or {}).items()}}
     raw = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data (and every 8-byte-aligned tensor) starts aligned
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            done = 0
-            for t in state_dict.values():
-                t = transform(t) if transform is not None else t
-                f.write(_bytes_of(t))  # one tensor at a time: memory stays at the largest tensor
-                done += t.numel() * t.element_size()
-                if progress is not None:
-                    progress(done, offset)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        done = 0
+        for t in state_dict.values():
+            t = transform(t) if transform is not None else t
+            f.write(_bytes_of(t))  # one tensor at a time: memory stays at the largest tensor
+            done += t.numel() * t.element_size()
+            if progress is not None:
+                progress(done, offset)
+        f.flush()
+        os.fsync(f.fileno())
     return path

@@ -1,7 +1,6 @@
 """What every pipeline shares: seeded noise, the progress bar, conditioning batches, image conversion and PNG output."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import samplers
+from checkpoints_convert import atomic_path
 
 Callback = Callable[[int, int, Tensor], None] | None
 
@@ -170,13 +170,9 @@ def save_png(images: Tensor, path: str | Path) -> list[Path]:
         raise ValueError(f"save_png writes .png files, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     paths = [path] if len(pics) == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(len(pics))]
-    for pic, p in zip(pics, paths):  # atomically: a temporary file beside, renamed over the target when complete
-        tmp = p.with_name(f".{p.name}.tmp")
-        try:
+    for pic, p in zip(pics, paths):
+        with atomic_path(p) as tmp:
             pic.save(tmp, format="PNG")
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
     return paths
 
 

@@ -7,8 +7,6 @@ as history (GameNGen's autoregressive loop), sampled with the flow DPM-Solver un
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from torch import Tensor
 
 import samplers
+from checkpoints_convert import atomic_path
 from pipelines.common import generator_for, randn, to_pil, to_unit
 from zoo.world_model import WorldModel
 
@@ -85,14 +84,8 @@ def psnr(pred: Tensor, target: Tensor) -> float:
 
 def _atomic_save(image, path: Path, **options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, **options)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

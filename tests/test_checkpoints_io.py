@@ -228,3 +228,18 @@ def test_a_plain_pickle_is_refused_plainly_with_no_torch_warning(tmp_path):
 def test_a_missing_destination_folder_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'nope'}: the destination folder does not exist"):
         save_file({"w": torch.ones(2)}, tmp_path / "nope" / "x.safetensors")
+
+
+def test_atomic_path_replaces_only_a_complete_file_and_leaves_no_temporary(tmp_path):
+    from checkpoints_convert import atomic_path
+
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path  # formats chosen by suffix still see it
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]

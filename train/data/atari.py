@@ -11,14 +11,14 @@ frame i and the action taken in it, which leads to frame i + 1; an episode's las
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from checkpoints_convert import atomic_path
 
 GAME = "ALE/MsPacman-v5"
 POLICIES = ("random", "sticky")
@@ -142,16 +142,10 @@ def save(episodes: Episodes, path: str | Path) -> Path:
     if path.suffix != ".npz":
         raise ValueError(f"the dataset file must end in .npz, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         np.savez_compressed(tmp, format=FORMAT, frames=episodes.frames, actions=episodes.actions,
                             starts=episodes.starts, seed=episodes.seed, game=episodes.game, policy=episodes.policy,
                             num_actions=episodes.num_actions)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
