@@ -65,6 +65,7 @@ def flux_system():
                                                       max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
     pipe = diffusers.FluxPipeline(scheduler=sched, vae=vae.ref, text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=pair.ref)
+    pipe.set_progress_bar_config(disable=True)
     parts = pipelines.flux.FluxParts(model=pair.ours, ae=vae.ours)
     g = torch.Generator().manual_seed(2)
     txt, y = torch.randn(1, 128, 4096, generator=g), torch.randn(1, 768, generator=g)
@@ -86,6 +87,7 @@ def sd_system():
     pipe = diffusers.StableDiffusionPipeline(vae=vae.ref, text_encoder=None, tokenizer=None, unet=pair.ref,
                                              scheduler=sched, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     parts = pipelines.sd.SDParts(unet=pair.ours, vae=vae.ours)
     g = torch.Generator().manual_seed(2)
     pos, neg = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
