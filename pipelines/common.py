@@ -76,7 +76,7 @@ def progress(total: int, enabled: bool, callback: Callback, desc: str) -> tuple[
         return callback, lambda: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)  # None: off in a redirected log
 
     def step(i: int, n: int, x: Tensor) -> None:
         bar.update(1)

@@ -53,7 +53,7 @@ def rollout(model: WorldModel, first_frames: Tensor, actions: Tensor, *, steps: 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for j in tqdm(range(n), desc="rollout", unit="frame", disable=not progress, leave=False):
+        for j in tqdm(range(n), desc="rollout", unit="frame", disable=None if progress else True, leave=False):
             acts = actions[:, j : j + k].to(device)
 
             def cond(x: Tensor, t: Tensor, acts=acts, history=history) -> Tensor:

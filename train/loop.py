@@ -161,7 +161,8 @@ def fit(
     data_iter = batches(data, batch_size, seed=seed, start=consumed, rank=par.rank, world=par.world)
 
     metrics = Metrics(output_dir, enabled=par.rank == 0)
-    bar = tqdm(total=steps, initial=start, disable=not progress or par.rank != 0, desc="train", unit="step")
+    bar = tqdm(total=steps, initial=start, disable=True if not progress or par.rank != 0 else None,
+               desc="train", unit="step")  # None: no bar (no \r frames) in a redirected log
     result = FitResult(step=start, trainable=names, ema=ema)
     autocast = partial(torch.autocast, device.type, dtype=PRECISIONS[precision] or torch.float32,
                        enabled=precision != "fp32")

@@ -117,7 +117,7 @@ def collect(frames: int, *, seed: int = 0, policy: str = "sticky", stickiness: f
     obs, _ = env.reset(seed=seed)  # seeds the emulator (its sticky actions) once; later resets continue from it
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(frames), desc=f"collect {game}", unit="frame", disable=not progress):
+    for i in tqdm(range(frames), desc=f"collect {game}", unit="frame", disable=None if progress else True):
         out[i] = _resize(obs, size)
         if i == frames - 1:
             break
