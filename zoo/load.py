@@ -24,8 +24,7 @@ from checkpoints_convert.io import Checkpoint, load_file
 from checkpoints_convert.keymap import KeyMapError
 from checkpoints_convert.quant import bnb_kind
 from checkpoints_convert.summary import summarize
-from layers.cast import CAST_OF, CASTS, CastLinear, cast_layers
-from layers.gguf import BLOCKS, GGUFLinear, dequantize
+from layers import CAST_OF, CASTS, CastLinear, cast_layers, gguf
 from zoo.registry import build, get_config, list_models
 
 # diffusers drops Sana's `pos_embed` and `y_embedder.y_embedding` (the forward uses neither): its key map remakes
@@ -178,13 +177,13 @@ def _place_gguf(model: nn.Module, sd: Mapping[str, Tensor], ckpt: Checkpoint) ->
         b, qtype = of[id(v)]
         owner, _, leaf = k.rpartition(".")
         module = model.get_submodule(owner) if owner else model
-        if leaf == "weight" and type(module) in (nn.Linear, CastLinear) and qtype in BLOCKS and \
-                module.in_features % BLOCKS[qtype][0] == 0 and tuple(v.shape) == tuple(module.weight.shape):
+        if leaf == "weight" and type(module) in (nn.Linear, CastLinear) and qtype in gguf.BLOCKS and \
+                module.in_features % gguf.BLOCKS[qtype][0] == 0 and tuple(v.shape) == tuple(module.weight.shape):
             parent, _, child = owner.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, GGUFLinear.like(module, qtype))
+            setattr(model.get_submodule(parent) if parent else model, child, gguf.GGUFLinear.like(module, qtype))
             out[k] = b
         else:  # embeddings, convs, odd widths: dequantised once
-            out[k] = dequantize(b, qtype, tuple(v.shape))
+            out[k] = gguf.dequantize(b, qtype, tuple(v.shape))
     return out
 
 
@@ -269,7 +268,7 @@ def load(
     if compute_dtype is not None:
         cast_layers(model, compute_dtype)
         for m in model.modules():
-            if isinstance(m, GGUFLinear):
+            if isinstance(m, gguf.GGUFLinear):
                 m.compute_dtype = compute_dtype
 
     expected = model.state_dict()  # meta tensors: names, shapes

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layers.pixart import TimestepEmbedder
+from layers import TimestepEmbedder
 from zoo.registry import build, get_config, register
 from zoo.sana import PatchEmbed, Sana, SanaConfig
 
