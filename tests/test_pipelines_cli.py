@@ -208,3 +208,57 @@ def test_scribble_with_its_hint_encoder_and_attention_heatmaps(sd_folder, tmp_pa
     assert (pipelines.load_image(out) - want).abs().max() <= 1 / 255 + 1e-6
     n = len(parts.tok.encode("a cat"))  # <start>, a, cat, <end>
     assert sorted(p.name for p in tmp_path.glob("cat-tok*.png")) == [f"cat-tok{i:02d}.png" for i in range(n)]
+
+
+def test_sdxl_all_in_one_checkpoint_with_both_tokenizers(tmp_path, capsys):
+    from checkpoints_convert.clip import transformers_to_openclip
+
+    root = tmp_path / "sdxl"
+    root.mkdir()
+    # the UNet takes the two encoders' widths (32 + 48), SDXL's y (pooled bigG 48 + 6 x 256 size features) and
+    # SDXL's 64-channel heads (an all-in-one file does not tell its head width; the loader assumes SDXL's)
+    unet = randomize(zoo.build("tiny-sdxl", context_dim=80, adm_in_channels=48 + 6 * 256, model_channels=64,
+                               num_head_channels=64), seed=0, std=0.05)
+    vae, clip_l, clip_g = (randomize(zoo.build(n), seed=i, std=0.05) for i, n in
+                           enumerate(("tiny-vae", "tiny-clip", "tiny-clip-g"), start=1))
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()},
+               **{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+               **{f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.state_dict().items()},
+               **{f"conditioner.embedders.1.model.{k}": v
+                  for k, v in transformers_to_openclip(clip_g.state_dict()).items()}},
+              root / "sdxl-tiny.safetensors")
+    for name in ("tokenizer", "tokenizer_2"):
+        (root / name).mkdir()
+        shutil.copy(DATA / "bpe_simple_vocab_16e6.txt.gz", root / name)
+    out = tmp_path / "owl.png"
+    rc = main(["sdxl", "--model", str(root), "--prompt", "an owl", "--negative-prompt", "blurry", "--out", str(out),
+               "--steps", "2", "--height", "32", "--width", "64", "--guidance", "4", "--seed", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "s/step (2 steps)" in captured.out
+    parts = pipelines.load("sdxl", root)
+    assert parts.is_sdxl and parts.tok is not None and parts.tok_g is not None
+    want = pipelines.sd.generate(parts, "an owl", "blurry", steps=2, height=32, width=64, guidance=4.0, seed=2,
+                                 progress=False)
+    got = pipelines.load_image(out)
+    assert got.shape == (1, 3, 32, 64)
+    assert (got - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_panorama_from_separate_files_wraps_its_seam(flux_folder, tmp_path, capsys):
+    out = tmp_path / "pano.png"
+    rc = main(["panorama", "--model", str(flux_folder), "--prompt", "a beach", "--out", str(out), "--steps", "2",
+               "--height", "32", "--width", "64", "--seed", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "s/step (2 steps)" in captured.out
+    parts = pipelines.load("panorama", flux_folder)
+    want = pipelines.panorama.generate(parts, "a beach", height=32, width=64, steps=2, seed=4, progress=False)
+    got = pipelines.load_image(out)
+    assert got.shape == (1, 3, 32, 64)
+    assert (got - want).abs().max() <= 1 / 255 + 1e-6
+    # a panorama is 2:1: the CLI says so and writes nothing
+    assert main(["panorama", "--model", str(flux_folder), "--prompt", "x", "--out", str(tmp_path / "bad.png"),
+                 "--height", "32", "--width", "48"]) == 2
+    assert "equirectangular panorama is 2:1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()

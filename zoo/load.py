@@ -25,7 +25,7 @@ from checkpoints_convert.keymap import KeyMapError
 from checkpoints_convert.quant import bnb_kind
 from checkpoints_convert.summary import summarize
 from layers import CAST_OF, CASTS, CastLinear, cast_layers, gguf
-from zoo.registry import build, get_config, list_models
+from zoo.registry import CONFIG_DIR, build, get_config, list_models
 
 # diffusers drops Sana's `pos_embed` and `y_embedder.y_embedding` (the forward uses neither): its key map remakes
 # them as zeros, shaped by these config fields
@@ -80,11 +80,10 @@ def which_config(sd: Mapping[str, Tensor], det: Detection | None = None) -> tupl
     names = [det.config] if det.config in list_models(det.arch) else []
     names += [n for n in list_models(det.arch) if n not in names]
     for name in names:
-        model = build(name, device="meta")
-        if {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in remade} == shapes and \
-                _agrees(get_config(name), det):
+        built = {k: s for k, s in shipped_shapes(name).items() if k not in remade}
+        if built == shapes and _agrees(get_config(name), det):
             config = get_config(name)
-            return name, config, model, _to_official(det, sub, config) if remade else official
+            return name, config, build(name, device="meta"), _to_official(det, sub, config) if remade else official
     if det.fields:
         config = get_config(det.fields)
         model = build(config, device="meta")
@@ -96,6 +95,17 @@ def which_config(sd: Mapping[str, Tensor], det: Detection | None = None) -> tupl
         return None, config, model, _to_official(det, sub, config) if remade else official
     raise DetectError(f"this checkpoint holds {det} but no shipped config has its keys and shapes "
                       f"(tried {names}); pass its config to zoo.load (a YAML path or a dict)")
+
+
+def shipped_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """A shipped config's state-dict keys and shapes, built on meta once per process (again if its YAML changes)."""
+    stamp = (name, (CONFIG_DIR / f"{name}.yaml").stat().st_mtime_ns)
+    if stamp not in _SHAPES:
+        _SHAPES[stamp] = {k: tuple(v.shape) for k, v in build(name, device="meta").state_dict().items()}
+    return _SHAPES[stamp]
+
+
+_SHAPES: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
 
 
 def _refuse_bnb(sd: Mapping[str, Tensor]) -> None:
