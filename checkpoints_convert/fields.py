@@ -91,6 +91,36 @@ def _heads(widths: list[int], f: _Fields, ctx: int | None, proj_conv: bool) -> N
         f.fields["num_head_channels"] = f.assumed["num_head_channels"] = 64
 
 
+def _context_dims(s: Shapes, st, levels: list[list[int]], widths: list[int]) -> dict[str, Any]:
+    """`context_dim` (one width for every attn2) or `cross_attention_dim` (one per level: LBM), read off each
+    level's attn2.to_k; {} without cross-attention. The middle block must share the last level's width."""
+    n_levels, dims = len(widths), {}  # level (-1: middle) -> {widths of its attn2.to_k}
+    in_level = {n: i for i, lv in enumerate(levels) for n in lv}  # input block (with a res block) -> level
+    out_level = [n_levels - 1 - i for i, lv in enumerate(st.up) for _ in lv.attn]  # output block -> level
+    for k, shape in s.items():
+        if not k.endswith("attn2.to_k.weight"):
+            continue
+        where, n = k.split(".")[:2]
+        if where == "middle_block":
+            level = -1
+        else:
+            level = (out_level if where == "output_blocks" else in_level)[int(n)]
+        dims.setdefault(level, set()).add(shape[1])
+    if not dims:
+        return {}
+    if any(len(v) != 1 for v in dims.values()):
+        raise ValueError(f"UNet cross-attention widths per level (-1: middle) {dims}: not one width per level")
+    dims = {lv: v.pop() for lv, v in dims.items()}
+    if len(set(dims.values())) == 1:
+        return {"context_dim": next(iter(dims.values()))}
+    last = dims.get(n_levels - 1, dims.get(-1))
+    if dims.get(-1, last) != last:
+        raise ValueError(f"the middle block's cross-attention width {dims[-1]} differs from the last level's {last}")
+    # levels without attention keep their own width, as LBM's official config gives them
+    return {"cross_attention_dim": [dims.get(lv, widths[lv] if lv < n_levels - 1 else last)
+                                    for lv in range(n_levels)]}
+
+
 def _encoder_fields(s: Shapes, f: _Fields) -> None:
     """The UNet encoder's fields (UNet and ControlNet alike)."""
     keys = set(s)
@@ -102,16 +132,16 @@ def _encoder_fields(s: Shapes, f: _Fields) -> None:
     widths = [s[f"input_blocks.{lv[0]}.0.out_layers.3.weight"][0] if lv else ch for lv in levels]
     depths = [max(lv.attn, default=0) for lv in st.down]
     nres = [len(lv.attn) for lv in st.down]
-    tk = next((k for k in sorted(keys) if k.endswith("attn2.to_k.weight")), None)
     proj = next((s[k] for k in sorted(keys) if k.endswith(".proj_in.weight")), None)
     f.fields.update(
         in_channels=s["input_blocks.0.0.weight"][1], model_channels=ch, channel_mult=[w // ch for w in widths],
         num_res_blocks=nres[0] if len(set(nres)) == 1 else nres,
         attention_resolutions=[2 ** i for i, d in enumerate(depths) if d],
-        transformer_depth=[d or 1 for d in depths], context_dim=s[tk][1] if tk else None,
+        transformer_depth=[d or 1 for d in depths], context_dim=None,
         use_linear_in_transformer=proj is not None and len(proj) == 2,
         use_scale_shift_norm=s[f"input_blocks.{levels[0][0]}.0.emb_layers.1.weight"][0] == 2 * widths[0]
         if levels[0] else False)
+    f.fields.update(_context_dims(s, st, levels, widths))
     if st.mid_depth:
         f.fields["transformer_depth_middle"] = st.mid_depth
     else:

@@ -38,9 +38,10 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-def _transformer(cfg: UNetConfig, ch: int, depth: int, disable_self_attn: bool) -> SpatialTransformer:
+def _transformer(cfg: UNetConfig, ch: int, level: int, depth: int, disable_self_attn: bool) -> SpatialTransformer:
+    """The SpatialTransformer of a block at `level` (-1: the middle block), with that level's context width."""
     heads, d_head = cfg.heads(ch)
-    return SpatialTransformer(ch, heads, d_head, depth, cfg.dropout, cfg.context_dim, disable_self_attn,
+    return SpatialTransformer(ch, heads, d_head, depth, cfg.dropout, cfg.level_context_dim(level), disable_self_attn,
                               cfg.use_linear_in_transformer)
 
 
@@ -70,7 +71,7 @@ class UNetEncoder(Checkpointed, nn.Module):
                                                    use_scale_shift_norm=cfg.use_scale_shift_norm)]
                 ch = mult * mc
                 if cfg.has_attention(level, ds, nr):
-                    layers.append(_transformer(cfg, ch, cfg.transformer_depth[level], cfg.self_attn_off(level)))
+                    layers.append(_transformer(cfg, ch, level, cfg.transformer_depth[level], cfg.self_attn_off(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 self.skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -80,7 +81,7 @@ class UNetEncoder(Checkpointed, nn.Module):
                 self.skip_channels.append(ch)
                 ds *= 2
         middle_attn = (nn.Identity() if cfg.disable_middle_transformer else
-                       _transformer(cfg, ch, cfg.transformer_depth_middle, cfg.disable_middle_self_attn))
+                       _transformer(cfg, ch, -1, cfg.transformer_depth_middle, cfg.disable_middle_self_attn))
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, ted, cfg.dropout, ch, use_scale_shift_norm=cfg.use_scale_shift_norm),
             middle_attn,
@@ -100,6 +101,26 @@ class UNetEncoder(Checkpointed, nn.Module):
             emb = emb + self.label_emb(y if isinstance(self.config.num_classes, int) else y.to(dtype))
         return emb
 
+    def check_context(self, context: Tensor | None, b: int) -> None:
+        """`context` must be (B, T, width) for this UNet's cross-attention; None only where every level's context
+        width equals its own (attn2 then attends to the image itself)."""
+        cfg, name = self.config, type(self).__name__
+        dim = cfg.context_width
+        if context is None:
+            if cfg.attention_levels() and not cfg.self_context:
+                raise ValueError(f"this {name} has cross-attention: pass context of shape (B, T, {dim})")
+            return
+        if not cfg.attention_levels():
+            raise ValueError(f"this {name} has no cross-attention (no SpatialTransformer); got context")
+        if dim is None:
+            raise ValueError(f"this {name}'s cross_attention_dim {cfg.cross_attention_dim} differs per level, so "
+                             "one context tensor fits none: pass context=None (each attn2 attends to the image)")
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"context has shape {tuple(context.shape)}, expected ({b}, T, {dim})")
+        if context.shape[-1] != dim:
+            raise ValueError(f"context has {context.shape[-1]} features, this {name}'s cross-attention "
+                             f"expects {dim} (context shape {tuple(context.shape)})")
+
     def check_inputs(self, x: Tensor, timesteps, context: Tensor | None, y: Tensor | None) -> Tensor:
         """Clear `ValueError`s for the mistakes that otherwise fail deep inside; returns timesteps as (B,)."""
         cfg, name = self.config, type(self).__name__
@@ -112,14 +133,7 @@ class UNetEncoder(Checkpointed, nn.Module):
                 f"x has spatial size {x.shape[2]}x{x.shape[3]}, not divisible by this {name}'s total stride {stride} "
                 f"({len(cfg.channel_mult) - 1} downsamplings); pad or resize to a multiple of {stride}")
         timesteps = batch_timesteps(timesteps, b, device=x.device)
-        if cfg.context_dim is not None:
-            if context is None:
-                raise ValueError(f"this {name} has cross-attention: pass context of shape (B, T, {cfg.context_dim})")
-            if context.ndim != 3 or context.shape[0] != b:
-                raise ValueError(f"context has shape {tuple(context.shape)}, expected ({b}, T, {cfg.context_dim})")
-            if context.shape[-1] != cfg.context_dim:
-                raise ValueError(f"context has {context.shape[-1]} features, this {name}'s cross-attention "
-                                 f"expects {cfg.context_dim} (context shape {tuple(context.shape)})")
+        self.check_context(context, b)
         if cfg.num_classes is None:
             if y is not None:
                 raise ValueError(f"this {name} has no label/vector conditioning (num_classes=None); got y")
@@ -150,7 +164,7 @@ class UNet(UNetEncoder):
                                                    use_scale_shift_norm=cfg.use_scale_shift_norm)]
                 ch = mc * mult
                 if cfg.has_attention(level, ds, i):
-                    layers.append(_transformer(cfg, ch, cfg.transformer_depth[level], cfg.self_attn_off(level)))
+                    layers.append(_transformer(cfg, ch, level, cfg.transformer_depth[level], cfg.self_attn_off(level)))
                 if level and i == cfg.num_res_blocks[level]:
                     layers.append(ResBlock(ch, ted, cfg.dropout, ch, use_scale_shift_norm=cfg.use_scale_shift_norm,
                                            up=True) if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
@@ -163,7 +177,7 @@ class UNet(UNetEncoder):
         self,
         x: Tensor,  # (B, in_channels, H, W) latents
         timesteps: Tensor,  # (B,) or scalar, in [0, 1000)
-        context: Tensor | None = None,  # (B, T, context_dim) text features
+        context: Tensor | None = None,  # (B, T, context_dim) text features; None: self-context (LBM)
         y: Tensor | None = None,  # (B,) class ids, or (B, adm_in_channels) vector (SDXL)
         control: list[Tensor] | None = None,  # ControlNet residuals: one per input block, then the middle
         features: dict[int, Tensor] | None = None,  # {input-block index: (B, C, H/s, W/s)} added after that block
@@ -223,8 +237,8 @@ class UNet(UNetEncoder):
         x = torch.randn(batch, cfg.in_channels, height // 8, width // 8, device=device, dtype=dtype)
         t = torch.full((batch,), 500.0, device=device, dtype=dtype)
         kwargs = {}
-        if cfg.context_dim is not None:
-            kwargs["context"] = torch.randn(batch, txt_len, cfg.context_dim, device=device, dtype=dtype)
+        if cfg.context_width is not None:
+            kwargs["context"] = torch.randn(batch, txt_len, cfg.context_width, device=device, dtype=dtype)
         if cfg.num_classes == "sequential":
             kwargs["y"] = torch.randn(batch, cfg.adm_in_channels, device=device, dtype=dtype)
         elif cfg.num_classes == "continuous":

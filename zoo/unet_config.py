@@ -35,7 +35,11 @@ class UNetConfig:
     use_spatial_transformer: bool = True  # the official default is False (legacy ADM attention, not supported)
     transformer_depth: int | list[int] = 1
     transformer_depth_middle: int | None = None  # None: transformer_depth[-1], as SGM
-    context_dim: int | list[int] | None = None
+    context_dim: int | list[int] | None = None  # one width for every cross-attention (SGM's list: per depth)
+    # diffusers' `UNet2DConditionModel(cross_attention_dim=[...])`, one per level (the middle block uses the last),
+    # as LBM's official constructor gives it: [320, 640, 1280] = each level's width, called without context so that
+    # every attn2 attends to the image itself
+    cross_attention_dim: list[int] | None = None
     disable_self_attentions: list[bool] | None = None
     num_attention_blocks: list[int] | None = None
     disable_middle_self_attn: bool = False
@@ -75,12 +79,15 @@ class UNetConfig:
         if isinstance(self.context_dim, (list, tuple)):
             if len(set(self.context_dim)) != 1:
                 raise ValueError(f"{name}.context_dim {list(self.context_dim)}: per-block widths must all be equal "
-                                 "(this UNet takes one context tensor)")
+                                 "(this UNet takes one context tensor); for one width per level use "
+                                 "cross_attention_dim")
             self.context_dim = int(self.context_dim[0])
+        self._check_cross_attention_dim(levels)
         attends = not self.disable_middle_transformer or any(self.has_attention(lv, 2**lv, 0) for lv in range(levels))
-        if self.context_dim is None and attends:
+        if self.context_dim is None and self.cross_attention_dim is None and attends:
             raise ValueError(f"{name}: its SpatialTransformers (attention_resolutions {self.attention_resolutions} "
-                             "and the middle block) need a context_dim, as the official code requires")
+                             "and the middle block) need a context_dim (or cross_attention_dim, one per level), as "
+                             "the official code requires")
         for mult in self.channel_mult:
             ch = mult * self.model_channels
             if ch % 32:
@@ -97,6 +104,48 @@ class UNetConfig:
             raise ValueError(f"{name}: num_classes='sequential' needs adm_in_channels (the width of y)")
         if self.parameterization not in ("eps", "v", "x0"):
             raise ValueError(f"{name}.parameterization={self.parameterization!r}: expected 'eps', 'v' or 'x0'")
+
+    def _check_cross_attention_dim(self, levels: int) -> None:
+        name, v = type(self).__name__, self.cross_attention_dim
+        if v is None:
+            return
+        if self.context_dim is not None:
+            raise ValueError(f"{name}: give context_dim ({self.context_dim}, one shared width) or cross_attention_dim "
+                             f"({v}, one per level), not both")
+        if not isinstance(v, (list, tuple)) or len(v) != levels:
+            raise ValueError(f"{name}.cross_attention_dim {v!r}: expected a list with one width per level of "
+                             f"channel_mult ({levels}); for one shared width use context_dim")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v):
+            raise ValueError(f"{name}.cross_attention_dim {list(v)}: every entry must be a positive int")
+        self.cross_attention_dim = list(v)
+
+    def level_context_dim(self, level: int) -> int | None:
+        """The context width of the cross-attentions at `level` (-1: the middle block, which uses the last)."""
+        if self.cross_attention_dim is not None:
+            return self.cross_attention_dim[level]
+        return self.context_dim
+
+    def attention_levels(self) -> list[int]:
+        """The levels that hold SpatialTransformers (-1 for the middle block)."""
+        levels = [lv for lv in range(len(self.channel_mult))
+                  if any(self.has_attention(lv, 2**lv, nr) for nr in range(self.num_res_blocks[lv] + 1))]
+        return levels + ([] if self.disable_middle_transformer else [-1])
+
+    @property
+    def self_context(self) -> bool:
+        """Whether every cross-attention's context width equals its level's width, so `context=None` is allowed
+        (attn2 then attends to the image itself, as diffusers does without encoder_hidden_states: LBM)."""
+        return all(self.level_context_dim(lv) == self.model_channels * self.channel_mult[lv]
+                   for lv in self.attention_levels())
+
+    @property
+    def context_width(self) -> int | None:
+        """The width a context tensor must have: context_dim, or cross_attention_dim's entries where they agree
+        (None: no context can be passed)."""
+        if self.cross_attention_dim is None:
+            return self.context_dim
+        dims = {self.cross_attention_dim[lv] for lv in self.attention_levels()}
+        return dims.pop() if len(dims) == 1 else None
 
     def _per_level(self, field_name: str, levels: int) -> list[int]:
         v = getattr(self, field_name)
