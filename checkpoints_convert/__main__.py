@@ -1,4 +1,6 @@
-"""`python -m checkpoints_convert SRC DST --to official|diffusers [--dtype ..] [--family ..]`; `... inspect FILE`."""
+"""`python -m checkpoints_convert SRC DST --to official|diffusers|openclip [--dtype ..] [--family ..]`;
+`python -m checkpoints_convert inspect FILE`. `--to openclip` writes a CLIP text tower in the OpenCLIP layout
+(SD2.x's ViT-H, SDXL's bigG: fused in_proj)."""
 from __future__ import annotations
 
 import argparse
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         p = argparse.ArgumentParser(prog="python -m checkpoints_convert",
                                     description="Convert a checkpoint between the official and diffusers layouts "
-                                                "(lossless unless --dtype); `inspect FILE` describes one.")
+                                                "(and a CLIP text tower to OpenCLIP's; lossless unless --dtype); "
+                                                "`inspect FILE` describes one.")
         p.add_argument("src", help="safetensors file, sharded index, model folder or weights-only .ckpt/.pt/.bin")
         p.add_argument("dst", help="output .safetensors (written atomically; never the input)")
         p.add_argument("--to", required=True, choices=LAYOUTS)

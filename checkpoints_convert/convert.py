@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from checkpoints_convert.clip import transformers_to_openclip
 from checkpoints_convert.detect import DetectError, Detection, detect, detect_all
 from checkpoints_convert.errors import CheckpointError
 from checkpoints_convert.families import FAMILIES, key_map
@@ -18,7 +19,7 @@ from checkpoints_convert.io import Checkpoint
 
 # family -> (module, official -> diffusers, diffusers -> official)
 KEY_MAPS: dict[str, tuple[str, str, str]] = {f.name: f.keymap for f in FAMILIES.values() if f.keymap}
-LAYOUTS = ("official", "diffusers")
+LAYOUTS = ("official", "diffusers", "openclip")  # openclip: the CLIP text tower inside SD2.x / SDXL files only
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
@@ -42,7 +43,8 @@ def select(sd: Mapping[str, Tensor], family: str | None = None,
 
 def convert(sd: Mapping[str, Tensor], to: str, family: str | None = None, *,
             dtype: str | torch.dtype | None = None) -> Checkpoint:
-    """State dict (any layout, prefixed or not) -> layout `to` ('official' or 'diffusers'); bit-exact unless `dtype`."""
+    """State dict (any layout, prefixed or not) -> layout `to` ('official' or 'diffusers'; 'openclip' for a CLIP text
+    tower); bit-exact unless `dtype`."""
     if to not in LAYOUTS:
         raise ValueError(f"convert: to={to!r}; expected one of {LAYOUTS}")
     det, sub = select(sd, family)
@@ -53,7 +55,14 @@ def convert(sd: Mapping[str, Tensor], to: str, family: str | None = None, *,
     if det.family == "lora":
         raise CheckpointError(f"this is a LoRA ({det.layout}, {det.note}): convert LoRA files with "
                               "`python -m lora convert`")
-    out = sub if det.layout == to else key_map(det.family, to)(sub)
+    if to == "openclip":
+        if det.family != "clip_text":
+            raise CheckpointError(f"to='openclip' is the layout of a CLIP text tower (as inside SD2.x / SDXL "
+                                  f"checkpoints); this state dict holds {det}")
+        out = sub if det.layout == "openclip" else transformers_to_openclip(
+            sub if det.layout == "official" else key_map(det.family, "official")(sub))
+    else:
+        out = sub if det.layout == to else key_map(det.family, to)(sub)
     if dtype is not None:
         out = cast(out, dtype)
     meta = {"zoo_family": det.family, "zoo_layout": to, **({"zoo_config": det.config} if det.config else {})}

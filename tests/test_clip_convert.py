@@ -133,3 +133,26 @@ def test_full_size_openclip_towers_are_named_by_detect():
     for name in ("clip-h", "clip-g"):
         meta = zoo.build(name, device="meta").state_dict()
         assert cc.detect(cc_clip.transformers_to_openclip(meta)).config == name
+
+
+def test_cli_writes_the_openclip_layout_and_reads_it_back(tmp_path, capsys):
+    from checkpoints_convert.__main__ import main
+    from checkpoints_convert.io import load_file, save_file
+    from checkpoints_convert.text import clip_text_to_diffusers
+
+    sd = state(hf_clip(with_projection=True))
+    save_file(sd, tmp_path / "clip.safetensors")
+    save_file(clip_text_to_diffusers(sd), tmp_path / "clip-diffusers.safetensors")
+    want = cc_clip.transformers_to_openclip(sd)
+    for src in ("clip.safetensors", "clip-diffusers.safetensors"):
+        dst = tmp_path / f"oc-{src}"
+        assert main([str(tmp_path / src), str(dst), "--to", "openclip", "-q"]) == 0, capsys.readouterr().err
+        assert "(clip_text -> openclip)" in capsys.readouterr().out
+        assert same(dict(load_file(dst)), want)
+    back = tmp_path / "back.safetensors"
+    assert main([str(tmp_path / "oc-clip.safetensors"), str(back), "--to", "official", "-q"]) == 0
+    assert same(dict(load_file(back)), sd)
+    save_file(randomize(zoo.build("tiny-vae"), seed=0).state_dict(), tmp_path / "vae.safetensors")
+    assert main([str(tmp_path / "vae.safetensors"), str(tmp_path / "vae-oc.safetensors"), "--to", "openclip"]) == 2
+    assert "to='openclip' is the layout of a CLIP text tower" in capsys.readouterr().err
+    assert not (tmp_path / "vae-oc.safetensors").exists()
