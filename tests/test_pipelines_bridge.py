@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import lora
 import pipelines
 import zoo
-from checkpoints_convert import autoencoder_from_diffusers, unet_from_diffusers
+from checkpoints_convert import autoencoder_from_diffusers, save_file, unet_from_diffusers
 from tests.conftest import max_rel_err, randomize
 
 diffusers = pytest.importorskip("diffusers")
@@ -67,26 +67,57 @@ def test_one_step_is_the_closed_form_decode_of_source_minus_velocity(peers):
     assert max_rel_err(got, want) <= 1e-5
 
 
+def official_lbm(unet, vae, source, steps, sigma_b, seed, context=None, mask=None, cond_image=None):
+    """The official evaluate + LBMModel.sample, written out on diffusers' components; `context` is the
+    conditioning's crossattn (None in the releases: the UNet's attn2 then attends to the image itself)."""
+    g, sf = torch.Generator().manual_seed(seed), vae.config.scaling_factor
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    with torch.no_grad():
+        z = vae.encode(source * 2 - 1).latent_dist.sample(g) * sf
+        concat = None
+        if mask is not None:  # LatentsConcatEmbedder: masks, then images
+            concat = torch.cat([F.interpolate(mask, size=z.shape[-2:], mode="bilinear", antialias=True),
+                                vae.encode(cond_image * 2 - 1).latent_dist.sample(g) * sf], dim=1)
+        sched.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps))
+        for i, t in enumerate(sched.timesteps):
+            x = z if concat is None else torch.cat([z, concat], 1)
+            pred = unet(x, t.repeat(1), encoder_hidden_states=context).sample
+            z = sched.step(pred, t, z, return_dict=False)[0]
+            if i < steps - 1:
+                s = sched.sigmas[i + 1]
+                z = z + sigma_b * (s * (1 - s)) ** 0.5 * torch.randn(z.shape, generator=g)
+        return (vae.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
+
+
 def test_steps_follow_the_official_lbm_loop_on_diffusers_parts_with_masks_and_condition_images(peers):
     unet, vae, steps, sigma_b = diffusers_unet(4 + 1 + 4), peers[1], 3, 0.4
     source, cond_image, mask = rand(1, 3, H, W, seed=1), rand(1, 3, H, W, seed=2), rand(1, 1, H, W, seed=5)
     got = pipelines.bridge.generate(ours(unet, vae, sigma_b, CONTEXT), source, steps=steps, masks=[mask],
                                     condition_images=[cond_image], seed=7, progress=False)
-    # the official evaluate + LBMModel.sample, written out on diffusers' components
-    g, sf = torch.Generator().manual_seed(7), vae.config.scaling_factor
-    sched = diffusers.FlowMatchEulerDiscreteScheduler()
-    with torch.no_grad():
-        z = vae.encode(source * 2 - 1).latent_dist.sample(g) * sf
-        concat = torch.cat([F.interpolate(mask, size=z.shape[-2:], mode="bilinear", antialias=True),
-                            vae.encode(cond_image * 2 - 1).latent_dist.sample(g) * sf], dim=1)
-        sched.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps))
-        for i, t in enumerate(sched.timesteps):
-            pred = unet(torch.cat([z, concat], 1), t.repeat(1), encoder_hidden_states=CONTEXT).sample
-            z = sched.step(pred, t, z, return_dict=False)[0]
-            if i < steps - 1:
-                s = sched.sigmas[i + 1]
-                z = z + sigma_b * (s * (1 - s)) ** 0.5 * torch.randn(z.shape, generator=g)
-        want = (vae.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
+    want = official_lbm(unet, vae, source, steps, sigma_b, 7, CONTEXT, mask, cond_image)
+    assert max_rel_err(got, want) <= 1e-4
+
+
+def test_a_released_lbm_shaped_file_loads_and_runs_the_official_loop_without_context(peers, tmp_path):
+    # the releases' denoiser: no attention at level 0, attn2 widths = the level widths, 64-wide heads, no context
+    unet = randomize(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=[32, 64, 128],
+        transformer_layers_per_block=[1, 1, 2], attention_head_dim=[1, 1, 2], use_linear_projection=True), seed=4,
+        std=0.05).eval()
+    vae = peers[1]
+    # LBMModel.state_dict() as the release's model.safetensors holds it, with its YAML beside
+    save_file({**{f"denoiser.{k}": v for k, v in unet.state_dict().items()},
+               **{f"vae.vae_model.{k}": v for k, v in vae.state_dict().items()}}, tmp_path / "model.safetensors")
+    (tmp_path / "config.yaml").write_text("bridge_noise_sigma: 0.3\n")
+    with pytest.warns(UserWarning, match="num_head_channels=64 assumed"):  # the releases' head width
+        parts = pipelines.load("bridge", tmp_path)
+    assert parts.unet.config.cross_attention_dim == [32, 64, 128] and parts.unet.config.num_head_channels == 64
+    assert parts.context is None and parts.sigma_b == 0.3
+    source = rand(1, 3, H, W, seed=6)
+    got = pipelines.bridge.generate(parts, source, steps=2, seed=11, progress=False)
+    want = official_lbm(unet, vae, source, 2, 0.3, 11)
     assert max_rel_err(got, want) <= 1e-4
 
 

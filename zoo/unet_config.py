@@ -83,16 +83,18 @@ class UNetConfig:
                                  "cross_attention_dim")
             self.context_dim = int(self.context_dim[0])
         self._check_cross_attention_dim(levels)
-        attends = not self.disable_middle_transformer or any(self.has_attention(lv, 2**lv, 0) for lv in range(levels))
+        attends = {lv % levels for lv in self.attention_levels()}  # the middle block (-1) is the last level's width
         if self.context_dim is None and self.cross_attention_dim is None and attends:
             raise ValueError(f"{name}: its SpatialTransformers (attention_resolutions {self.attention_resolutions} "
                              "and the middle block) need a context_dim (or cross_attention_dim, one per level), as "
                              "the official code requires")
-        for mult in self.channel_mult:
+        for level, mult in enumerate(self.channel_mult):
             ch = mult * self.model_channels
             if ch % 32:
                 raise ValueError(f"{name}: level width model_channels * {mult} = {ch} is not a multiple of 32 "
                                  "(GroupNorm has 32 groups)")
+            if level not in attends:  # heads are only computed where a SpatialTransformer is, as the official code
+                continue
             if self.num_head_channels != -1 and ch % self.num_head_channels:
                 raise ValueError(f"{name}: level width {ch} is not divisible by num_head_channels "
                                  f"{self.num_head_channels}")
