@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -136,6 +137,29 @@ def set_adapter(model: nn.Module, names: str | Sequence[str] | None, weights=Non
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
     for layer in layers.values():
         layer.set_active({n: w for n, w in active.items() if n in layer.adapters})
+
+
+@contextmanager
+def adapters_per_item(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, batch item i of every LoRA layer's input runs with adapter `names[i]` alone (weight 1;
+    None or an adapter a layer lacks: that layer's base alone), all items in one forward, as peft's mixed-adapter
+    batches and OmniX's cross-LoRA. Inputs must have len(names) items; on exit every layer runs `set_adapter`'s
+    active adapters for all items again."""
+    names = list(names)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("this model has no LoRA layers; call lora.inject first")
+    known = set().union(*(layer.adapters for layer in layers.values()))
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
+    try:
+        for layer in layers.values():
+            layer.set_per_item([n if n in layer.adapters else None for n in names])
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.set_per_item(None)
 
 
 def merge(model: nn.Module) -> list[str]:

@@ -4,6 +4,12 @@ Three numbers scale an adapter, each under one name: `alpha_over_rank` (alpha / 
 training), the user's `multiplier` m (kohya's word; set when the adapter is added or loaded) and `total_scale`,
 their product. `set_adapter`'s weights w come on top, per activation.
 
+Per batch item: `per_item` (a list aligned with the input's batch, see `lora.adapters_per_item`) runs item i with
+adapter `per_item[i]` alone at weight 1 (None: the base alone) in the same forward, as peft's mixed-adapter batches
+(`adapter_names=`) and OmniX's cross-LoRA, where a condition item and a target item take different adapters. An
+input whose batch and token dims were flattened (B * L rows, as Flux's single blocks feed `linear2`) is cut into
+len(per_item) equal consecutive parts, one per item.
+
 A `LoRALinear` / `LoRAConv2d` wraps an existing `nn.Linear` / `nn.Conv2d` and *shares* its parameters: the
 wrapper registers the base's own `weight` and `bias` objects under the same names, so the model's state-dict
 keys of the base do not change (`...qkv.weight` stays `...qkv.weight`); the adapters add
@@ -51,6 +57,7 @@ class LoRALayer(nn.Module):
         self.multiplier: dict[str, float] = {}  # the user's multiplier per adapter (kohya's `multiplier`)
         self.active: dict[str, float] = {}  # adapter -> weight; empty = base only
         self.merged: dict[str, float] = {}  # adapters (and weights) folded into `weight`
+        self.per_item: list[str | None] | None = None  # adapter per batch item; None: `active` for every item
         self._unmerged_weight: Tensor | None = None  # exact copy of the base weight while merged
 
     # ---- subclass hooks ----
@@ -157,6 +164,17 @@ class LoRALayer(nn.Module):
             raise ValueError(f"layer is merged with {self.merged}; unmerge before switching adapters")
         self.active = dict(weights)
 
+    def set_per_item(self, names: list[str | None] | None) -> None:
+        """Item i of each input batch runs with adapter names[i] alone (None: base only); `None` ends it."""
+        if names is not None:
+            names = list(names)
+            unknown = [n for n in names if n is not None and n not in self.adapters]
+            if unknown:
+                raise ValueError(f"unknown adapter(s) {unknown}; this layer has {self.adapters}")
+            if self.merged:
+                raise ValueError(f"layer is merged with {self.merged}; unmerge before running adapters per item")
+        self.per_item = names
+
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """(down, up) = (A, B) of adapter `name`, detached: A (r, in[, kh, kw]), B (out, r[, 1, 1])."""
         if name in self.lycoris:
@@ -195,7 +213,24 @@ class LoRALayer(nn.Module):
             out = self._base_forward(x, self.weight.to(x.dtype))
         else:  # the base's own forward (a `layers.cast` layer computes in its compute_dtype)
             out = base(x)
-        for name, weight in self.active.items():
+        if self.per_item is None:
+            return self._add_adapters(x, out, self.active)
+        n = x.shape[0] // len(self.per_item)  # rows per item: 1, or L when a block flattened (B, L) to B*L rows
+        if n * len(self.per_item) != x.shape[0] or n == 0:
+            raise ValueError(f"input batch {x.shape[0]} is not a multiple of the {len(self.per_item)} per-item "
+                             f"adapters {self.per_item}")
+        # consecutive items with the same adapter form one slice (OmniX's [rgb, task] * B: two slices per panorama)
+        parts, start = [], 0
+        for stop in range(1, len(self.per_item) + 1):
+            if stop == len(self.per_item) or self.per_item[stop] != self.per_item[start]:
+                name, rows = self.per_item[start], slice(start * n, stop * n)
+                parts.append(self._add_adapters(x[rows], out[rows], {} if name is None else {name: 1.0}))
+                start = stop
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _add_adapters(self, x: Tensor, out: Tensor, active: dict[str, float]) -> Tensor:
+        """The base output `out` of input `x` plus the adapters in `active` (name -> weight)."""
+        for name, weight in active.items():
             if name in self.merged or weight == 0:
                 continue
             s = self.total_scale(name) * weight

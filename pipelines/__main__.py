@@ -4,7 +4,8 @@ Systems: flux, sd, sdxl, sana, panorama, perception, scribble, bridge. `--model`
 (a diffusers repo folder, a folder of separate files, one all-in-one checkpoint). `--image`: the img2img source
 (flux, sd, sdxl), the panorama to perceive (perception), the sketch (scribble) or the source image (bridge).
 `--lora FILE:SCALE` (repeatable): a LoRA file in any format `lora.load` reads, activated at SCALE; for perception
-each file is one task's adapter, named by the file's stem (distance.safetensors -> task "distance").
+each file is one adapter named by the file's stem (depth.safetensors -> task "depth", depth_rgb.safetensors -> the
+condition adapter of "depth"), or a folder laid out as the published OmniX adapters (rgb_to_<task>/{rgb,<task>}/).
 `--attention-maps` (scribble): one cross-attention heatmap per prompt token, OUT-tokNN.png. A tqdm bar shows the
 steps; a summary line gives the seconds (loading apart), seconds per step and the peak memory.
 """
@@ -74,11 +75,13 @@ def _check(a: argparse.Namespace) -> None:
         raise ValueError(f"{a.system} needs --prompt")
     if a.system == "perception" and not a.lora:
         raise ValueError("perception needs one --lora FILE per task (the file's stem names the task)")
+    if a.system == "perception" and a.sampler is not None:
+        raise ValueError("perception runs OmniX's Euler steps with the seam blend between them; drop --sampler")
     if a.system == "bridge" and len(a.lora) > 1:
         raise ValueError("bridge takes one --lora FILE:SCALE (its scale is lora_scale)")
     for spec in a.lora:
         f, _ = parse_lora(spec)
-        if not f.is_file():
+        if not (f.is_file() or (a.system == "perception" and f.is_dir())):
             raise ValueError(f"--lora {spec}: no such file {f}")
     if a.image is not None and not Path(a.image).is_file():
         raise ValueError(f"--image {a.image}: no such file")
@@ -114,9 +117,12 @@ def run(a: argparse.Namespace) -> tuple[dict[str, torch.Tensor], int]:
     names = []
     for spec in a.lora:
         f, scale = parse_lora(spec)
+        if f.is_dir():  # perception: the published OmniX folder, every task in it
+            names += [(n, scale) for n in pipelines.perception.load_published(model, f, scale=scale)]
+            continue
         name = "".join(c if c.isalnum() else "_" for c in f.stem)
         try:
-            lora.load(model, f, adapter=name)
+            lora.load(model, f, adapter=name, multiplier=scale if a.system == "perception" else 1.0)
         except ValueError as e:  # most often a LoRA made for another model family
             raise ValueError(f"--lora {f} does not fit this {a.system} model ({type(model).__name__}): {e}") from e
         names.append((name, scale))
@@ -137,7 +143,9 @@ def run(a: argparse.Namespace) -> tuple[dict[str, torch.Tensor], int]:
         out = getattr(pipelines, "sd" if s == "sdxl" else s).generate(parts, a.prompt, **run, **size)
         return {"": out}, _steps(parts, s, a)
     if s == "perception":
-        tasks = a.tasks.split(",") if a.tasks else [n for n, _ in names]
+        cond = {pipelines.perception.condition_adapter(n) for n, _ in names}
+        tasks = a.tasks.split(",") if a.tasks else [n for n, _ in names if n not in cond]
+        run.pop("sampler", None)
         maps = pipelines.perception.generate(parts, image, tasks, prompt=a.prompt, **run)
         return {f"-{t}": m for t, m in maps.items()}, len(tasks) * (a.steps or 28)
     if s == "scribble":

@@ -1,94 +1,241 @@
-"""pipelines.perception (OmniX-style): one encoded panorama, one LoRA adapter per task loaded from PEFT/diffusers
-files over the `omnix` preset; tasks differ, switching adapters equals a fresh model with that adapter merged, and a
-bf16 base with adapters runs without dtype errors."""
+"""pipelines.perception (OmniX) against the official algorithm written here on diffusers' parts: a tiny
+FluxTransformer2DModel with peft adapter pairs (OmniX's target modules), per-item adapters through peft's mixed
+batches, a cross-batch attention processor as OmniX's `cross_lora.py`, diffusers' Euler scheduler and tiled VAE
+encode, OmniX's seam blend and wrap-around tiled decode. The adapters travel as the published folder layout
+(`rgb_to_<task>/{rgb,<task>}/pytorch_lora_weights.safetensors`, written by diffusers' own `save_lora_weights`)."""
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lora
 import pipelines
 import zoo
+from checkpoints_convert import autoencoder_from_diffusers, flux_from_diffusers
 from tests.conftest import max_rel_err, randomize
 
-H, W = 32, 64  # 2:1, as an equirectangular panorama
-COND = {"txt": torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(0)),
-        "y": torch.randn(1, 32, generator=torch.Generator().manual_seed(1))}
-TASKS = ("distance", "normal", "albedo")
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+H, W, L_TXT = 32, 96, 5  # 2:1; latent 4 x 12, so the 6 blended columns fit
+TILE = 32  # VAE tile in pixels: small, so the tiled encode and the row-tiled decode both run
+TASKS = ("depth", "normal", "albedo")
+OMNIX_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"]  # utils/lora.py
+COND = {"txt": torch.randn(1, L_TXT, 24, generator=torch.Generator().manual_seed(7)),
+        "y": torch.randn(1, 16, generator=torch.Generator().manual_seed(8))}
+
+
+class CrossBatchProcessor:
+    """OmniX's FluxAttnProcessor2_0_CrossLoRA on today's diffusers attention: every item's queries attend to the
+    keys and values of all items of the batch (one panorama: [condition, target])."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # (B, L, H, D)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            q = torch.cat([attn.norm_added_q(eq), q], dim=1)
+            k = torch.cat([attn.norm_added_k(ek), k], dim=1)
+            v = torch.cat([ev, v], dim=1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        b = q.shape[0]
+        k, v = (t.flatten(0, 1)[None].expand(b, -1, -1, -1) for t in (k, v))  # b s h d -> bs (b s) h d
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3)
+        if encoder_hidden_states is None:
+            return out
+        txt, img = out[:, : encoder_hidden_states.shape[1]], out[:, encoder_hidden_states.shape[1] :]
+        return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
+
+
+def omnix_decode(vae, z):
+    """OmniX's `tiled_decode` (src/modules/blend_h.py) with diffusers' own blend_v / blend_h."""
+    rows_every = int(vae.tile_latent_min_size * (1 - vae.tile_overlap_factor))
+    extent = int(vae.tile_sample_min_size * vae.tile_overlap_factor)
+    limit = vae.tile_sample_min_size - extent
+    w = z.shape[3]
+    z = torch.cat([z, z[:, :, :, :2]], dim=-1)
+    rows = [vae.decoder(z[:, :, i : i + vae.tile_latent_min_size]) for i in range(0, z.shape[2], rows_every)]
+    out = []
+    for i, tile in enumerate(rows):
+        if i > 0:
+            tile = vae.blend_v(rows[i - 1], tile, extent)
+        f = tile.shape[-1] // z.shape[-1]
+        out.append(vae.blend_h(tile[:, :, :limit, w * f :], tile[:, :, :limit, : w * f], tile.shape[-1] - w * f))
+    return torch.cat(out, dim=2)
+
+
+def omnix_reference(tr, vae, panorama, task, steps, seed, blend_extend=6):
+    """pipeline_omnix.OmniXPipeline.__call__ for one panorama and one task, on diffusers' parts -> the target map."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.utils.torch_utils import randn_tensor
+
+    names = [pipelines.perception.condition_adapter(task), task]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, "adapter_names": names}), with_kwargs=True)
+             for m in tr.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    g = torch.Generator().manual_seed(seed)
+    lh, lw = H // 8, W // 8
+    latents = randn_tensor((2, 16, lh, lw), generator=g)  # prepare_latents: both items
+    latents[0] = (vae.encode(panorama * 2 - 1).latent_dist.sample(g)[0] - vae.config.shift_factor) \
+        * vae.config.scaling_factor
+    latents = torch.cat([latents, latents[:, :, :, :blend_extend]], dim=-1)
+    condition = latents[0].clone()
+    wide = lw + blend_extend
+    ids = diffusers.FluxPipeline._prepare_latent_image_ids(2, lh // 2, wide // 2, "cpu", torch.float32)
+    pack = lambda x: x.view(2, 16, lh // 2, 2, wide // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, -1, 64)  # noqa: E731
+    unpack = lambda x: x.view(2, lh // 2, wide // 2, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(2, 16, lh, wide)  # noqa: E731
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                      max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    mu = calculate_shift(ids.shape[0], 256, 4096, 0.5, 1.15)
+    timesteps, _ = retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    x = pack(latents)
+    for t in timesteps:
+        v = tr(hidden_states=x, timestep=t.expand(2) / 1000, guidance=torch.full((2,), 3.5),
+               pooled_projections=COND["y"].expand(2, -1), encoder_hidden_states=COND["txt"].expand(2, -1, -1),
+               txt_ids=torch.zeros(L_TXT, 3), img_ids=ids, return_dict=False)[0]
+        u = unpack(sched.step(v, t, x, return_dict=False)[0])
+        u = vae.blend_h(u, u, blend_extend)
+        u[0] = condition
+        x = pack(u)
+    u = vae.blend_h(unpack(x), unpack(x), blend_extend)[:, :, :, :lw]
+    image = omnix_decode(vae, u / vae.config.scaling_factor + vae.config.shift_factor)
+    for h in hooks:
+        h.remove()
+    return (image[1:] / 2 + 0.5).clamp(0, 1)
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    """A tiny random Flux + Flux VAE, and one diffusers-format LoRA file per task written from random adapters."""
-    base = randomize(zoo.build("tiny-flux", in_channels=64, out_channels=64), seed=1, std=0.05).eval()
-    ae = randomize(zoo.build("tiny-vae-flux"), seed=2, std=0.05).eval()
-    folder, files = tmp_path_factory.mktemp("omnix"), {}
-    for i, task in enumerate(TASKS):
-        m = copy.deepcopy(base)
-        names = lora.inject(m, lora.PRESETS["omnix"], rank=2, adapter=task, init="gaussian")
-        assert len(names) == 2 + 2 + 2  # tiny-flux: 2 double blocks' img qkv, 2 single blocks' linear1 + linear2
-        g = torch.Generator().manual_seed(10 + i)
-        for layer in lora.lora_layers(m).values():
+    """A tiny diffusers Flux-dev + Flux VAE with peft adapter pairs per task, the published folder of their files,
+    and our Flux / VAE loaded from the converted state dicts."""
+    torch.manual_seed(0)
+    tr = randomize(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        seed=1, std=0.05).eval()
+    vae = randomize(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        seed=2, std=0.05).eval()
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = TILE, TILE // 8
+    model = zoo.build({"arch": "flux", "in_channels": 64, "vec_in_dim": 16, "context_in_dim": 24, "hidden_size": 32,
+                       "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
+                       "theta": 10000, "qkv_bias": True, "guidance_embed": True}).eval()
+    model.load_state_dict(flux_from_diffusers(tr.state_dict()), strict=True)
+    ae = zoo.build("tiny-vae-flux").eval()
+    ae.load_state_dict(autoencoder_from_diffusers(vae.state_dict()), strict=True)
+
+    folder = tmp_path_factory.mktemp("omnix")
+    g = torch.Generator().manual_seed(10)
+    for task in TASKS:
+        for sub, name in (("rgb", f"{task}_rgb"), (task, task)):
+            tr.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                           target_modules=OMNIX_TARGETS), adapter_name=name)
             with torch.no_grad():
-                layer.lora_up[task].weight.copy_(torch.randn(layer.lora_up[task].weight.shape, generator=g) * 0.3)
-        files[task] = lora.save(m, folder / f"{task}.safetensors", adapter=task, format="diffusers")
-    return base, ae, files
+                for m in tr.modules():
+                    if isinstance(m, peft.tuners.lora.LoraLayer):
+                        m.lora_B[name].weight.copy_(torch.randn(m.lora_B[name].weight.shape, generator=g) * 0.3)
+            sd = peft.get_peft_model_state_dict(tr, adapter_name=name)
+            diffusers.FluxPipeline.save_lora_weights(folder / f"rgb_to_{task}" / sub, transformer_lora_layers=sd,
+                                                     weight_name=pipelines.perception.FILE)
+    return tr, vae, model, ae, folder
 
 
 def panorama() -> torch.Tensor:
     return torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3))
 
 
-def run(model, ae, tasks, seen=None):
+def run(model, ae, tasks, seen=None, **kw):
     parts = pipelines.flux.FluxParts(model=model, ae=ae)
     cb = None if seen is None else (lambda i, n, x: seen.append(x) if i == n else None)
-    return pipelines.perception.generate(parts, panorama(), tasks, conditioning=COND, steps=2, seed=0,
-                                         progress=False, callback=cb)
+    kw = {"steps": 2, **kw}
+    return pipelines.perception.generate(parts, panorama(), tasks, conditioning=COND, seed=0, vae_tile=TILE,
+                                         progress=False, callback=cb, **kw)
 
 
-def test_three_tasks_give_three_maps_and_switching_equals_a_fresh_model_with_that_adapter_merged(system):
-    base, ae, files = system
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_published_adapters_reproduce_the_official_omnix_algorithm(system):
+    tr, vae, base, ae, folder = system
     model = copy.deepcopy(base)
-    reports = pipelines.perception.load_adapters(model, files)
-    assert all(len(r.modules) == 6 and not r.unmatched for r in reports.values())
+    reports = pipelines.perception.load_published(model, folder, tasks=TASKS[:2])
+    assert sorted(reports) == ["depth", "depth_rgb", "normal", "normal_rgb"]
+    # OmniX's targets on FLUX: img q, k, v (fused qkv), proj, MLP of the double block; q, k, v rows of linear1
+    assert all(len(r.modules) == 4 + 1 and not r.unmatched for r in reports.values())
+    got = run(model, ae, TASKS[:2])
+    assert sorted(got) == ["depth", "normal"] and got["depth"].shape == (1, 1, H, W)
+    tr.set_attn_processor(CrossBatchProcessor())
+    with torch.no_grad():
+        for task in TASKS[:2]:
+            want = omnix_reference(tr, vae, panorama(), task, steps=2, seed=0)
+            want = want.mean(dim=1, keepdim=True) if task == "depth" else want  # OmniX's perceive_panoramic_depth
+            assert max_rel_err(got[task], want) <= 1e-4, task
+            assert (got[task] - want).abs().max() <= 1e-4, task
+
+
+def test_three_tasks_give_three_maps_and_switching_equals_a_model_with_only_that_pair(system):
+    _, _, base, ae, folder = system
+    model = copy.deepcopy(base)
+    pipelines.perception.load_published(model, folder)  # every task present: all three
+    layers = dict(lora.lora_layers(model))
     seen: list[torch.Tensor] = []
-    maps = run(model, ae, TASKS, seen)
-    assert list(maps) == list(TASKS) and all(m.shape == (1, 3, H, W) for m in maps.values())
+    maps = run(model, ae, ["normal", "albedo", "depth"], seen, steps=1)
+    assert [t.shape[1] for t in maps.values()] == [3, 3, 1]
     for i in range(3):  # final latents (the tiny random VAE would blur the comparison)
         for j in range(i + 1, 3):
-            assert max_rel_err(seen[i], seen[j]) > 1e-3, (TASKS[i], TASKS[j])
-    # the injected layers were never replaced: switching only changed which adapter is active
-    assert set(lora.lora_layers(model)) == set(reports["normal"].modules)
+            assert max_rel_err(seen[i], seen[j]) > 1e-3
+    assert dict(lora.lora_layers(model)) == layers  # switching never re-injected a layer
     fresh = copy.deepcopy(base)
-    lora.load(fresh, files["normal"], adapter="normal")
-    lora.merge(fresh)
-    merged_seen: list[torch.Tensor] = []
-    merged = run(fresh, ae, ["normal"], merged_seen)["normal"]
-    assert max_rel_err(merged_seen[0], seen[1]) <= 1e-5
-    assert max_rel_err(merged, maps["normal"]) <= 1e-5
+    pipelines.perception.load_published(fresh, folder, tasks=["albedo"])
+    alone: list[torch.Tensor] = []
+    single = run(fresh, ae, ["albedo"], alone, steps=1)["albedo"]
+    assert max_rel_err(alone[0], seen[1]) <= 1e-6 and max_rel_err(single, maps["albedo"]) <= 1e-6
+    # without its rgb adapter, the condition runs on the base weights: another result
+    lora.remove(fresh, "albedo_rgb")
+    assert max_rel_err(run(fresh, ae, ["albedo"], steps=1)["albedo"], single) > 1e-4
 
 
 def test_a_bf16_base_with_adapters_runs_without_dtype_errors(system):
-    base, ae, files = system
+    _, _, base, ae, folder = system
     model = copy.deepcopy(base).to(torch.bfloat16)
-    pipelines.perception.load_adapters(model, {t: files[t] for t in TASKS[:2]})
+    pipelines.perception.load_published(model, folder, tasks=["depth"])
     layer = next(iter(lora.lora_layers(model).values()))
-    assert layer.lora_down["distance"].weight.dtype == torch.bfloat16
-    maps = run(model, ae, TASKS[:2])
-    assert all(m.dtype == torch.float32 and torch.isfinite(m).all() for m in maps.values())
+    assert layer.lora_down["depth"].weight.dtype == torch.bfloat16
+    out = run(model, ae, ["depth"], steps=1)["depth"]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_bad_input_is_named(system):
-    base, ae, files = system
+def test_pbr_gives_roughness_and_metallic(system):
+    image = torch.rand(2, 3, 8, 8)
+    out = pipelines.perception.maps("pbr", image)
+    assert list(out) == ["roughness", "metallic"]
+    assert torch.equal(out["roughness"], image[:, :1]) and torch.equal(out["metallic"], image[:, 1:2])
+
+
+def test_bad_input_is_named(system, tmp_path):
+    _, _, base, ae, folder = system
     model = copy.deepcopy(base)
-    pipelines.perception.load_adapters(model, {"distance": files["distance"]})
-    with pytest.raises(ValueError, match=r"task\(s\) \['normal'\] have no LoRA adapter .*\['distance'\]"):
-        run(model, ae, ["distance", "normal"])
-    with pytest.raises(ValueError, match=r"already has adapter\(s\) \['distance'\]"):
-        pipelines.perception.load_adapters(model, {"distance": files["distance"]})
+    pipelines.perception.load_published(model, folder, tasks=["depth"])
+    with pytest.raises(ValueError, match=r"task\(s\) \['normal'\] have no LoRA adapter .*\['depth', 'depth_rgb'\]"):
+        run(model, ae, ["depth", "normal"])
+    with pytest.raises(ValueError, match=r"already has adapter\(s\) \['depth', 'depth_rgb'\]"):
+        pipelines.perception.load_published(model, folder, tasks=["depth"])
+    with pytest.raises(ValueError, match=r"missing: \[.*rgb_to_pbr/pbr/pytorch_lora_weights.safetensors"):
+        pipelines.perception.load_published(model, folder, tasks=["pbr"])
     parts = pipelines.flux.FluxParts(model=model, ae=ae)
     with pytest.raises(ValueError, match=r"perception: width=40 is not a positive multiple of 16"):
-        pipelines.perception.generate(parts, torch.rand(1, 3, 32, 40), ["distance"], conditioning=COND,
+        pipelines.perception.generate(parts, torch.rand(1, 3, 32, 40), ["depth"], conditioning=COND,
+                                      progress=False)
+    with pytest.raises(ValueError, match=r"blend_extend must be an even number of latent columns in \[0, 4\]"):
+        pipelines.perception.generate(parts, torch.rand(1, 3, 32, 32), ["depth"], conditioning=COND,
                                       progress=False)

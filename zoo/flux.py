@@ -72,6 +72,10 @@ class SelfAttention(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined only in one attention over [txt, img]."""
 
+    # the joint attention, q, k, v (B, H, L, D/H) + pe -> (B, L, D); an instance may take another with the same
+    # contract for one call (pipelines.perception: OmniX's cross-batch attention), the math here is unchanged
+    attend = staticmethod(attention)
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False):
         super().__init__()
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
@@ -99,7 +103,7 @@ class DoubleStreamBlock(nn.Module):
         # q, k, v (and the qkv outputs they view) are dropped as soon as they are joined
         q, k, v = (torch.cat(p, dim=2) for p in zip(txt_qkv, img_qkv))  # each (B, H, L_txt + L_img, D/H)
         del txt_qkv, img_qkv
-        attn = attention(q, k, v, pe=pe)  # (B, L_txt + L_img, D)
+        attn = self.attend(q, k, v, pe=pe)  # (B, L_txt + L_img, D)
         del q, k, v
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
@@ -112,6 +116,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP on the joined sequence: fused input projection `linear1`, output `linear2`."""
+
+    attend = staticmethod(attention)  # as DoubleStreamBlock.attend
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -132,13 +138,13 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(lin1[..., : 3 * d], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         if torch.is_grad_enabled():
-            h = torch.cat((attention(q, k, v, pe=pe), self.mlp_act(lin1[..., 3 * d :])), dim=2)
+            h = torch.cat((self.attend(q, k, v, pe=pe), self.mlp_act(lin1[..., 3 * d :])), dim=2)
         else:
             # Same values, no new buffers: GELU in place, and the attention output written over v once it is
             # consumed, so linear2 reads [attn | mlp] straight out of linear1's output (rows 3 D + mlp_hidden apart).
             h = lin1[..., 2 * d :]  # (B, L, D + mlp_hidden)
             torch.ops.aten.gelu_(h[..., d:], approximate="tanh")
-            h[..., :d] = attention(q, k, v, pe=pe)
+            h[..., :d] = self.attend(q, k, v, pe=pe)
             h = h.flatten(0, 1)  # (B*L, D + mlp_hidden), a view: linear2 as one GEMM, as on the concatenation
         del q, k, v, lin1
         return x + mod.gate * self.linear2(h).view_as(x)
