@@ -5,8 +5,8 @@
 - ComfyUI-style separate files in one folder (or a {role: file} dict): the transformer/UNet, `ae.safetensors`,
   `clip_l.safetensors`, `t5xxl_*.safetensors`, ...; each file's model is recognised by `checkpoints_convert.detect`;
 - one all-in-one checkpoint (SD1.x/2.x/SDXL: UNet + VAE + text encoders under their LDM/SGM prefixes; an official
-  LBM file: `denoiser.` + `vae.vae_model.`, its `bridge_noise_sigma` from the YAML beside), split by
-  `checkpoints_convert.detect_all` / `select` and the prefixes below.
+  LBM file: `denoiser.` + `vae.vae_model.`, with `bridge_noise_sigma` and the backbone, whose VAE latent scale LBM
+  uses, from the official YAML beside), split by `checkpoints_convert.detect_all` / `select` and the prefixes below.
 Every component goes through `zoo.load` (any layout, converted to the official one) with its own dtype; tokenizers
 come from `tokenizer/`, `tokenizer_2/` subfolders when present. A missing required component is an error naming it
 and the file expected; text encoders that are absent from a loose folder stay None (then pass conditioning=).
@@ -60,6 +60,8 @@ WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusio
 PREFIXES = {"cond_stage_model.transformer.": "clip", "conditioner.embedders.0.transformer.": "clip",
             "text_encoders.clip_l.transformer.": "clip", "cond_stage_model.model.": "clip",
             "conditioner.embedders.1.model.": "clip_g", "denoiser.": "unet", "vae.vae_model.": "vae"}
+LBM_FIELDS = {"bridge_noise_sigma", "backbone_signature", "unet_input_channels", "vae_num_channels"}
+LBM_BACKBONE = "stabilityai/stable-diffusion-xl-base-1.0"  # the official get_model's default backbone_signature
 SDXL_SCALE = 0.13025  # SGM's SDXL VAE scale; its shapes are SD's, so a file without config reads as 0.18215
 
 
@@ -216,22 +218,27 @@ def load(
     if system == "sdxl" and getattr(parts["vae"], "scale_factor", None) == 0.18215:
         parts["vae"].scale_factor = SDXL_SCALE
     if family == "bridge":
-        return BridgeParts(unet=parts["unet"], vae=parts["vae"], sigma_b=_bridge_sigma(root), **common)
+        lbm = _lbm_config(root if root is not None or isinstance(path, Mapping) else path.parent)
+        if "xl" in lbm.get("backbone_signature", "") and getattr(parts["vae"], "scale_factor", None) == 0.18215:
+            parts["vae"].scale_factor = SDXL_SCALE  # the backbone's VAE config, which the official code reads
+        return BridgeParts(unet=parts["unet"], vae=parts["vae"], sigma_b=float(lbm.get("bridge_noise_sigma", 0.0)),
+                           **common)
     if family == "scribble":
         parts["adapter"] = _hint_encoder(root, parts["unet"], load_to)
         return ScribbleParts(**parts, **common)
     return SDParts(**parts, **common)
 
 
-def _bridge_sigma(root: Path | None) -> float:
-    """LBM's `bridge_noise_sigma` from the official YAML config beside the weights (0 without one)."""
+def _lbm_config(folder: Path | None) -> dict[str, Any]:
+    """The official LBM YAML config beside the weights ({} without one); its `backbone_signature` defaults to SDXL,
+    as the official `get_model` does: the VAE (and its latent scale) comes from that backbone."""
     import yaml
 
-    for f in sorted(root.glob("*.yaml")) if root is not None else []:
+    for f in sorted(folder.glob("*.yaml")) if folder is not None else []:
         cfg = yaml.safe_load(f.read_text()) or {}
-        if "bridge_noise_sigma" in cfg:
-            return float(cfg["bridge_noise_sigma"])
-    return 0.0
+        if isinstance(cfg, dict) and LBM_FIELDS & cfg.keys():
+            return {"backbone_signature": LBM_BACKBONE, **cfg}
+    return {}
 
 
 def _hint_encoder(root: Path | None, unet: nn.Module, device) -> nn.Module:

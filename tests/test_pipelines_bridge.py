@@ -67,10 +67,11 @@ def test_one_step_is_the_closed_form_decode_of_source_minus_velocity(peers):
     assert max_rel_err(got, want) <= 1e-5
 
 
-def official_lbm(unet, vae, source, steps, sigma_b, seed, context=None, mask=None, cond_image=None):
+def official_lbm(unet, vae, source, steps, sigma_b, seed, context=None, mask=None, cond_image=None, sf=None):
     """The official evaluate + LBMModel.sample, written out on diffusers' components; `context` is the
-    conditioning's crossattn (None in the releases: the UNet's attn2 then attends to the image itself)."""
-    g, sf = torch.Generator().manual_seed(seed), vae.config.scaling_factor
+    conditioning's crossattn (None in the releases: the UNet's attn2 then attends to the image itself); `sf`: the
+    backbone VAE config's scaling_factor (the releases: SDXL's)."""
+    g, sf = torch.Generator().manual_seed(seed), sf or vae.config.scaling_factor
     sched = diffusers.FlowMatchEulerDiscreteScheduler()
     with torch.no_grad():
         z = vae.encode(source * 2 - 1).latent_dist.sample(g) * sf
@@ -110,14 +111,15 @@ def test_a_released_lbm_shaped_file_loads_and_runs_the_official_loop_without_con
     # LBMModel.state_dict() as the release's model.safetensors holds it, with its YAML beside
     save_file({**{f"denoiser.{k}": v for k, v in unet.state_dict().items()},
                **{f"vae.vae_model.{k}": v for k, v in vae.state_dict().items()}}, tmp_path / "model.safetensors")
-    (tmp_path / "config.yaml").write_text("bridge_noise_sigma: 0.3\n")
+    (tmp_path / "config.yaml").write_text("backbone_signature: stabilityai/stable-diffusion-xl-base-1.0\n"
+                                          "bridge_noise_sigma: 0.3\n")
     with pytest.warns(UserWarning, match="num_head_channels=64 assumed"):  # the releases' head width
         parts = pipelines.load("bridge", tmp_path)
     assert parts.unet.config.cross_attention_dim == [32, 64, 128] and parts.unet.config.num_head_channels == 64
-    assert parts.context is None and parts.sigma_b == 0.3
+    assert parts.context is None and parts.sigma_b == 0.3 and parts.vae.scale_factor == 0.13025  # SDXL's VAE
     source = rand(1, 3, H, W, seed=6)
     got = pipelines.bridge.generate(parts, source, steps=2, seed=11, progress=False)
-    want = official_lbm(unet, vae, source, 2, 0.3, 11)
+    want = official_lbm(unet, vae, source, 2, 0.3, 11, sf=0.13025)
     assert max_rel_err(got, want) <= 1e-4
 
 

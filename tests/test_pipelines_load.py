@@ -130,5 +130,8 @@ def test_an_official_lbm_file_and_its_yaml_give_the_bridge_parts(tmp_path):
                                           "bridge_noise_sigma: 0.005\n")
     parts = pipelines.load("bridge", tmp_path)
     assert isinstance(parts, pipelines.bridge.BridgeParts) and parts.sigma_b == 0.005
+    assert parts.vae.scale_factor == 0.13025  # the SDXL backbone's VAE config, whose scale the official code uses
+    # the file itself (the YAML beside it is read too)
+    assert pipelines.load("bridge", tmp_path / "model.safetensors").sigma_b == 0.005
     assert same(parts.unet, unet_from_diffusers(unet.state_dict()))
     assert same(parts.vae, autoencoder_from_diffusers(vae.state_dict()))
