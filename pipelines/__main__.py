@@ -143,7 +143,8 @@ def run(a: argparse.Namespace) -> tuple[dict[str, torch.Tensor], int]:
         out = getattr(pipelines, "sd" if s == "sdxl" else s).generate(parts, a.prompt, **run, **size)
         return {"": out}, _steps(parts, s, a)
     if s == "perception":
-        cond = {pipelines.perception.condition_adapter(n) for n, _ in names}
+        perception = pipelines.perception
+        cond = {perception.condition_adapter(n, c) for n, _ in names for c in perception.conditions_of(n)}
         tasks = a.tasks.split(",") if a.tasks else [n for n, _ in names if n not in cond]
         run.pop("sampler", None)
         maps = pipelines.perception.generate(parts, image, tasks, prompt=a.prompt, **run)

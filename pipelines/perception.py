@@ -1,27 +1,29 @@
 """OmniX panorama perception (HKU-MMLab/OmniX `pipeline_omnix.py` + `cross_lora.py`): RGB panorama -> depth, normal,
-albedo, roughness + metallic (`pbr`), semantic maps with FLUX.1-dev and two LoRA adapters per task.
+albedo, roughness + metallic (`pbr`), semantic maps with FLUX.1-dev and a set of LoRA adapters per task.
 
-The official mechanism, step by step. Each task has a pair of adapters (the published files: `rgb_to_<task>/rgb/`
-and `rgb_to_<task>/<task>/`, here the adapters `<task>_rgb` and `<task>`). One batch holds two items per panorama:
-the condition, the panorama's VAE latent (a posterior sample), kept clean, and the target, drawn from noise. Every
-LoRA layer runs the condition item with `<task>_rgb` and the target item with `<task>` in the same forward
+The official mechanism, step by step. Each task has one adapter per batch item (the published files:
+`rgb_to_<task>/rgb/` and `rgb_to_<task>/<task>/`, here the adapters `<task>_rgb` and `<task>`; the ray-conditioned
+normal task `normal_camray` adds a `camray` item). One batch holds, per panorama, the condition items, kept clean
+(the panorama's VAE latent, a posterior sample; for `camray` the latent of the per-pixel view-ray map), and the
+target, drawn from noise. Every LoRA layer runs each item with its own adapter in the same forward
 (`lora.adapters_per_item`), and every attention is cross-batch: each item's queries attend to the keys and values
-of both items (text tokens included), after RoPE. Both items share the prompt "[EQUIRECTANGULAR]", the distilled
-guidance 3.5 and the flow time. The latents are 6 columns wider than the panorama (its first 6 appended, position
-ids over the wider grid, the schedule's shift from that token count); after every Euler step (diffusers'
-FlowMatchEulerDiscreteScheduler, as OmniX; written out here because `samplers.sample` has no hook between steps)
-the first 6 columns fade from the appended copy into their own values (`blend_extend`) and the condition is written
-back clean, so only the target moves. At the end one more blend, the 6 columns are cropped, and the VAE decodes
-with OmniX's wrap-around tiling (`pipelines.omnix_vae`). Maps in [0, 1]: depth is the mean of the 3 channels; `pbr`
-gives roughness (channel 0) and metallic (channel 1); the others are RGB.
+of all items of its panorama (text tokens included), after RoPE. All items share the prompt "[EQUIRECTANGULAR]",
+the distilled guidance 3.5 and the flow time. The latents are 6 columns wider than the panorama (its first 6
+appended, position ids over the wider grid, the schedule's shift from that token count); after every Euler step
+(diffusers' FlowMatchEulerDiscreteScheduler, as OmniX; written out here because `samplers.sample` has no hook
+between steps) the first 6 columns fade from the appended copy into their own values (`blend_extend`) and the
+conditions are written back clean, so only the target moves. At the end one more blend, the 6 columns are cropped,
+and the VAE decodes with OmniX's wrap-around tiling (`pipelines.omnix_vae`). Maps in [0, 1]: depth is the mean of
+the 3 channels; `pbr` gives roughness (channel 0) and metallic (channel 1); the others are RGB.
 
-Different from the official code, said plainly: the posterior sample and the noise come from the call's generator
-(OmniX samples the condition latent from the global RNG, after drawing the noise of both items, which we draw
-too); several panoramas in one call each get their own pair of items (OmniX runs one); several tasks in one call
-reuse the encoded panorama and the same noise, each adapter pair switched per task without re-injecting (OmniX
-reloads the files per task). A task loaded without its `<task>_rgb` adapter runs the condition through the base
-weights (OmniX files always come in pairs). OmniX resizes inputs above 720 x 1440 itself; here any size whose
-sides are multiples of 16 runs. The latents stay float32 between steps (OmniX's are the model's dtype, bf16).
+Different from the official code, said plainly: the noise and the posterior samples come from the call's
+generator in OmniX's order (the noise of every item, then one sample per condition), but OmniX samples the
+condition latents from the global RNG; each task restarts from the generator's state, as separate OmniX calls with
+one seed would, and the panorama is encoded once for all tasks; several panoramas in one call each get their own
+items (OmniX runs one); adapters are switched per task without re-injecting (OmniX reloads the files per task). A
+task loaded without a condition adapter runs that item through the base weights (OmniX files always come in
+sets). OmniX resizes inputs above 720 x 1440 itself; here any size whose sides are multiples of 16 runs. The
+latents stay float32 between steps (OmniX's are the model's dtype, bf16).
 """
 from __future__ import annotations
 
@@ -53,15 +55,28 @@ from pipelines.flux import FluxParts, prepare_conditioning, velocity_fn
 from pipelines.offload import compute_device, on_device
 from zoo.flux import img_ids, pack, unpack
 
-TASKS = ("depth", "normal", "albedo", "pbr", "semantic")  # OmniX's perception adapters (folders rgb_to_<task>)
+# OmniX's perception tasks (pipeline_omnix's TASK_ADAPTERS): task -> (published folder, condition items, target)
+TASKS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "depth": ("rgb_to_depth", ("rgb",), "depth"),
+    "normal": ("rgb_to_normal", ("rgb",), "normal"),
+    "albedo": ("rgb_to_albedo", ("rgb",), "albedo"),
+    "pbr": ("rgb_to_pbr", ("rgb",), "pbr"),
+    "semantic": ("rgb_to_semantic", ("rgb",), "semantic"),
+    "normal_camray": ("rgb_camray_to_normal", ("rgb", "camray"), "normal"),
+}
 PROMPT = "[EQUIRECTANGULAR]"  # OmniX's camera prompt for panoramas
 BLEND_EXTEND = 6  # latent columns blended across the seam (pipeline_omnix's `blend_extend`)
 FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name in every published adapter folder
 
 
-def condition_adapter(task: str) -> str:
-    """The adapter that runs the RGB condition item for `task` (OmniX's per-task `rgb` adapter)."""
-    return f"{task}_rgb"
+def conditions_of(task: str) -> tuple[str, ...]:
+    """The condition items of `task` before its target item: OmniX's, or ("rgb",) for a task of your own."""
+    return TASKS[task][1] if task in TASKS else ("rgb",)
+
+
+def condition_adapter(task: str, condition: str = "rgb") -> str:
+    """The adapter that runs condition item `condition` of `task` (OmniX's per-task `rgb` / `camray` adapters)."""
+    return f"{task}_{condition}"
 
 
 def _adapters(model: nn.Module) -> set[str]:
@@ -69,32 +84,38 @@ def _adapters(model: nn.Module) -> set[str]:
     return set().union(*(layer.adapters for layer in layers.values())) if layers else set()
 
 
-def load_adapters(model: nn.Module, files: Mapping[str, str | Path | dict], conditions: Mapping | None = None,
-                  scale: float = 1.0) -> dict:
-    """Load each task's LoRA file (`files`: {task: file}) as adapter `task` and its condition file (`conditions`:
-    {task: file}) as `<task>_rgb`; any format lora.load reads. Returns {adapter: LoadReport}; adapters take the
-    base weights' dtype (bf16 too)."""
-    wanted = {**dict(files), **{condition_adapter(t): f for t, f in (conditions or {}).items()}}
-    clash = sorted(set(wanted) & _adapters(model))
+def load_adapters(model: nn.Module, files: Mapping[str, str | Path | dict], scale: float = 1.0) -> dict:
+    """Load LoRA files as named adapters, {adapter: file} (any format lora.load reads): a task's target adapter is
+    named after the task ("depth"), its condition adapters `<task>_<condition>` ("depth_rgb"). Returns {adapter:
+    LoadReport}; adapters take the base weights' dtype (bf16 too)."""
+    clash = sorted(set(files) & _adapters(model))
     if clash:
         raise ValueError(f"the model already has adapter(s) {clash}; remove them (lora.remove) or use other names")
-    return {name: lora_lib.load(model, src, adapter=name, multiplier=scale) for name, src in wanted.items()}
+    return {name: lora_lib.load(model, src, adapter=name, multiplier=scale) for name, src in files.items()}
 
 
 def load_published(model: nn.Module, folder: str | Path, tasks: Sequence[str] | None = None,
                    scale: float = 1.0) -> dict:
-    """The published OmniX adapters (Hugging Face `KevinHuang/OmniX`): `folder/rgb_to_<task>/{rgb,<task>}/`
-    `pytorch_lora_weights.safetensors` (diffusers/PEFT keys). `tasks` defaults to every perception task present."""
+    """The published OmniX adapters (Hugging Face `KevinHuang/OmniX`): `folder/<task folder>/<adapter>/`
+    `pytorch_lora_weights.safetensors` (diffusers/PEFT keys), e.g. rgb_to_depth/{rgb,depth}/. `tasks` defaults to
+    every task of `TASKS` whose folder is there."""
     folder = Path(folder)
-    found = [t for t in TASKS if (folder / f"rgb_to_{t}" / t / FILE).is_file()]
-    tasks = found if tasks is None else list(tasks)
-    missing = [str(folder / f"rgb_to_{t}" / sub / FILE) for t in tasks for sub in (t, "rgb")
-               if not (folder / f"rgb_to_{t}" / sub / FILE).is_file()]
+
+    def files(task: str) -> dict[str, Path]:
+        sub, conds, target = TASKS[task]
+        out = {condition_adapter(task, c): folder / sub / c / FILE for c in conds}
+        return {**out, task: folder / sub / target / FILE}
+
+    unknown = [t for t in tasks or () if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown OmniX task(s) {unknown}; the published ones are {list(TASKS)}")
+    tasks = [t for t in TASKS if (folder / TASKS[t][0]).is_dir()] if tasks is None else list(tasks)
+    wanted = {name: f for t in tasks for name, f in files(t).items()}
+    missing = [str(f) for f in wanted.values() if not f.is_file()]
     if missing or not tasks:
-        raise ValueError(f"OmniX adapter file(s) missing: {missing or f'none of {list(TASKS)} in {folder}'}; "
-                         "expected the layout rgb_to_<task>/{rgb,<task>}/" + FILE)
-    return load_adapters(model, {t: folder / f"rgb_to_{t}" / t / FILE for t in tasks},
-                         {t: folder / f"rgb_to_{t}" / "rgb" / FILE for t in tasks}, scale)
+        raise ValueError(f"OmniX adapter file(s) missing: {missing or f'no task folder of {list(TASKS)} in {folder}'}"
+                         "; expected e.g. rgb_to_depth/rgb/" + FILE + " and rgb_to_depth/depth/" + FILE)
+    return load_adapters(model, wanted, scale)
 
 
 def cross_batch(group: int) -> Callable[..., Tensor]:
@@ -130,16 +151,36 @@ def blend_seam(x: Tensor, extent: int) -> Tensor:
     return omnix_vae.blend(x[..., -extent:], x.clone(), extent, dim=3) if extent else x
 
 
-def encode_panorama(parts: FluxParts, panorama: Tensor, generator: torch.Generator | None, device,
-                    tile: int = omnix_vae.TILE) -> Tensor:
-    """RGB panorama (B, 3, H, W) in [0, 1] -> condition latents (B, 16, H/8, W/8) in the model's space: a posterior
-    sample of the Flux VAE (tiled as OmniX's diffusers VAE above 1024 pixels)."""
-    ae = parts.ae
-    x = image_to_model(panorama, panorama.shape[-2], panorama.shape[-1], panorama.shape[0], device, model_dtype(ae))
+def ray_map(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """OmniX's `get_camray`: the unit view ray of every equirectangular pixel (1, 3, H, W), x front, y up, z left,
+    computed in `dtype` as there (the pipeline's bf16)."""
+    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
+                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
+    lon = (0.5 - (u + 0.5) / width) * 2 * torch.pi  # pi .. -pi, left to right
+    lat = (0.5 - (v + 0.5) / height) * torch.pi  # pi/2 .. -pi/2, top to bottom
+    rays = torch.stack([torch.cos(lat) * torch.cos(lon), torch.sin(lat), torch.cos(lat) * torch.sin(lon)])
+    return rays[None]  # (1, 3, H, W), already in [-1, 1]
+
+
+def encode_condition(parts: FluxParts, image: Tensor, tile: int = omnix_vae.TILE) -> tuple[Tensor, Tensor]:
+    """A condition image (B, 3, H, W) in [-1, 1] -> the Flux VAE posterior's (mean, std) in float32 (tiled as
+    OmniX's diffusers VAE above `tile` pixels)."""
     with on_device(parts, "ae"):
-        post = omnix_vae.encode(ae, x, tile)
-    eps = randn(tuple(post.mean.shape), generator, device)
-    return ae.to_model_space(post.mean.float() + post.std.float() * eps)
+        post = omnix_vae.encode(parts.ae, image.to(model_dtype(parts.ae)), tile)
+    return post.mean.float(), post.std.float()
+
+
+def target_velocity(velocity: Callable[[Tensor, Tensor], Tensor], clean: list[Tensor]) -> Callable:
+    """The model function of the target items (B, 16, h, w) at flow time t (B,): each panorama's clean condition
+    latents (B, 16, h, w each) go before its target as batch items, only the targets' velocity comes back."""
+    k = len(clean) + 1
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        items = torch.stack([*clean, x], dim=1).flatten(0, 1)  # (kB, 16, h, w): conditions, target per panorama
+        v = velocity(pack(items), t.repeat_interleave(k))  # (kB, h/2 * w/2, 64)
+        return unpack(v, x.shape[-2], x.shape[-1])[k - 1 :: k]
+
+    return model_fn
 
 
 def maps(task: str, image: Tensor) -> dict[str, Tensor]:
@@ -170,9 +211,9 @@ def generate(
     progress: bool = True,
 ) -> dict[str, Tensor]:  # {map: (B, 1 or 3, H, W) in [0, 1]}
     """Panorama (B, 3, H, W) in [0, 1] (2:1 equirectangular; sides multiples of 16) -> {map name: map}.
-    Each task names an adapter pair already on `parts.model` (see `load_published`, `load_adapters`). Without
+    Each task names adapters already on `parts.model` (see `load_published`, `load_adapters`). Without
     `conditioning` the prompt defaults to OmniX's "[EQUIRECTANGULAR]" (needs the text encoders). `latents`: your
-    own (2B, 16, H/8, W/8) noise for the [condition, target] items (the condition's is replaced, as in OmniX).
+    own target noise (B, 16, H/8, W/8) instead of the generator's.
     `vae_tile`: the VAE tile in pixels (the Flux VAE's 1024, as OmniX's diffusers VAE)."""
     model, ae = parts.model, parts.ae
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -203,36 +244,42 @@ def generate(
     cond = prepare_conditioning(parts, prompt, conditioning, 1)
     if cond["txt"].shape[0] not in (1, b):
         raise ValueError(f"conditioning has batch {cond['txt'].shape[0]}, the panorama batch is {b}")
-    cond = {k: v.repeat_interleave(2 * b // v.shape[0], dim=0) for k, v in cond.items()}  # 2 items per panorama
-
-    # items per panorama: [condition, target]; OmniX draws both items' noise, then the condition latent
-    shape = (2 * b, ae.latent_channels, lh, lw)
-    noise = randn(shape, gen, device) if latents is None else \
-        check_latents(latents, shape, "latents (a condition and a target item per panorama)").to(device)
-    rgb = encode_panorama(parts, panorama, gen, device, vae_tile)  # (B, 16, lh, lw)
+    if latents is not None:
+        latents = check_latents(latents, (b, ae.latent_channels, lh, lw), "latents (the target noise)").to(device)
+    images = {"rgb": image_to_model(panorama, height, width, b, device),
+              "camray": ray_map(height, width, device, model_dtype(ae)).expand(b, -1, -1, -1)}
+    posteriors: dict[str, tuple[Tensor, Tensor]] = {}  # condition -> (mean, std), encoded once per call
+    state = gen.get_state() if gen is not None else None
+    ts = samplers.flux_schedule(steps, (lh // 2) * ((lw + e) // 2), shift=True)  # FLUX.1-dev's dynamic shift
 
     def widen(x: Tensor) -> Tensor:  # (.., lw) -> (.., lw + e): the first e columns appended
         return torch.cat([x, x[..., :e]], dim=-1)
 
-    rgb, x0 = widen(rgb), widen(noise[1::2])
-    pos = img_ids(2 * b, lh, lw + e, device=device)
-    velocity = velocity_fn(model, pos, cond, guidance, device)
-    ts = samplers.flux_schedule(steps, (lh // 2) * ((lw + e) // 2), shift=True)  # FLUX.1-dev's dynamic shift
-
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:  # x (B, 16, lh, lw + e) targets -> their velocity
-        items = torch.stack([rgb, x], dim=1).flatten(0, 1)  # (2B, ...) condition, target per panorama
-        v = velocity(pack(items), t.repeat_interleave(2))
-        return unpack(v, lh, lw + e)[1::2]
-
     out = {}
     for task in tasks:
-        rgb_adapter = condition_adapter(task) if condition_adapter(task) in _adapters(model) else None
+        conds, k = conditions_of(task), len(conditions_of(task)) + 1  # items per panorama: conditions, target
+        if gen is not None:
+            gen.set_state(state)  # every task draws as an OmniX call with this seed: all items' noise, then samples
+        noise = randn((k * b, ae.latent_channels, lh, lw), gen, device)[k - 1 :: k] if latents is None else latents
+        clean = []
+        for c in conds:
+            if c not in posteriors:
+                posteriors[c] = encode_condition(parts, images[c], vae_tile)
+            mean, std = posteriors[c]
+            clean.append(widen(ae.to_model_space(mean + std * randn(tuple(mean.shape), gen, device))))
+        velocity = velocity_fn(model, img_ids(k * b, lh, lw + e, device=device),
+                               {n: v.repeat_interleave(k * b // v.shape[0], dim=0) for n, v in cond.items()},
+                               guidance, device)
+        model_fn = target_velocity(velocity, clean)
+
+        names = [condition_adapter(task, c) if condition_adapter(task, c) in _adapters(model) else None
+                 for c in conds] + [task]
         cb, close = progress_bar(steps, progress, callback, task)
         try:
-            with on_device(parts, "model"), cross_batch_attention(model, 2), \
-                    lora_lib.adapters_per_item(model, [rgb_adapter, task] * b):
-                x = x0
-                for i in range(steps):  # the scheduler's Euler step, then the seam blend (the condition never moves)
+            with on_device(parts, "model"), cross_batch_attention(model, k), \
+                    lora_lib.adapters_per_item(model, names * b):
+                x = widen(noise)
+                for i in range(steps):  # the scheduler's Euler step, then the seam blend (conditions never move)
                     x = blend_seam(x + (ts[i + 1] - ts[i]) * model_fn(x, torch.full((b,), ts[i], device=device)), e)
                     if cb is not None:
                         cb(i + 1, steps, x)
@@ -245,5 +292,6 @@ def generate(
     return out
 
 
-__all__ = ["BLEND_EXTEND", "PROMPT", "TASKS", "condition_adapter", "cross_batch", "cross_batch_attention",
-           "encode_panorama", "generate", "load_adapters", "load_published", "maps"]
+__all__ = ["BLEND_EXTEND", "PROMPT", "TASKS", "condition_adapter", "conditions_of", "cross_batch",
+           "cross_batch_attention", "encode_condition", "generate", "load_adapters", "load_published", "maps",
+           "ray_map"]

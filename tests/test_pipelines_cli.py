@@ -146,22 +146,27 @@ def test_flux_and_perception_from_separate_files_with_text_encoders(flux_folder,
         for layer in lora.lora_layers(m).values():
             torch.nn.init.normal_(layer.lora_up[task].weight, std=0.2)
         lora.save(m, tmp_path / f"{task}.safetensors", adapter=task, format="diffusers")
+    for sub, src in (("rgb", "normal"), ("depth", "distance")):  # a folder in the published OmniX layout
+        (tmp_path / "omnix" / "rgb_to_depth" / sub).mkdir(parents=True)
+        shutil.copy(tmp_path / f"{src}.safetensors", tmp_path / "omnix/rgb_to_depth" / sub / pipelines.perception.FILE)
     small = ["--steps", "2", "--seed", "3"]
     assert main(["flux", "--model", str(flux_folder), "--prompt", "a fox", "--out", str(tmp_path / "fox.png"),
                  "--height", "32", "--width", "48", "--lora", f"{tmp_path / 'distance.safetensors'}:0.5", *small]) == 0
     pipelines.save_png(torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)), tmp_path / "pano.png")
     assert main(["perception", "--model", str(flux_folder), "--image", str(tmp_path / "pano.png"),
                  "--out", str(tmp_path / "maps.png"), "--lora", str(tmp_path / "distance.safetensors"),
-                 "--lora", str(tmp_path / "normal.safetensors"), *small]) == 0, capsys.readouterr().err
+                 "--lora", str(tmp_path / "normal.safetensors"), "--lora", str(tmp_path / "omnix"),
+                 *small]) == 0, capsys.readouterr().err
     assert pipelines.load_image(tmp_path / "fox.png").shape == (1, 3, 32, 48)
     # the CLI's flux run = the library's, with the LoRA at 0.5
     lora.load(parts.model, tmp_path / "distance.safetensors", adapter="distance")
     want = pipelines.flux.generate(parts, "a fox", height=32, width=48, steps=2, seed=3, adapters={"distance": 0.5},
                                    progress=False)
     assert (pipelines.load_image(tmp_path / "fox.png") - want).abs().max() <= 1 / 255 + 1e-6
-    maps = [pipelines.load_image(tmp_path / f"maps-{t}.png") for t in ("distance", "normal")]
+    maps = [pipelines.load_image(tmp_path / f"maps-{t}.png") for t in ("distance", "normal", "depth")]
     assert maps[0].shape == (1, 3, 32, 64) and not torch.equal(maps[0], maps[1])
-    assert "(4 steps)" in capsys.readouterr().out  # perception: 2 tasks x 2 steps
+    assert not torch.equal(maps[0], maps[2])  # the same target adapter; "depth" runs its condition with depth_rgb
+    assert "(6 steps)" in capsys.readouterr().out  # perception: 3 tasks x 2 steps
 
 
 def test_sana_prompt_through_gemma_and_its_tokenizer(tmp_path, capsys):

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import lora
 import pipelines
-import zoo
-from checkpoints_convert import autoencoder_from_diffusers, flux_from_diffusers
-from tests.conftest import max_rel_err, randomize
+from checkpoints_convert import flux_from_diffusers
+from tests.conftest import max_rel_err
+from tests.test_pipelines_flux import tiny_system
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -74,43 +74,57 @@ def omnix_decode(vae, z):
     return torch.cat(out, dim=2)
 
 
+def camray(height, width):
+    """OmniX's `get_camray` in float64 numpy: the unit view ray per equirectangular pixel, x front, y up, z left."""
+    lon = np.pi - 2 * np.pi * (np.arange(width) + 0.5) / width
+    lat = np.pi / 2 - np.pi * (np.arange(height) + 0.5) / height
+    lat, lon = np.meshgrid(lat, lon, indexing="ij")
+    rays = np.stack([np.cos(lat) * np.cos(lon), np.sin(lat), np.cos(lat) * np.sin(lon)])
+    return torch.from_numpy(rays)[None].float()
+
+
 def omnix_reference(tr, vae, panorama, task, steps, seed, blend_extend=6):
     """pipeline_omnix.OmniXPipeline.__call__ for one panorama and one task, on diffusers' parts -> the target map."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
     from diffusers.utils.torch_utils import randn_tensor
 
-    names = [pipelines.perception.condition_adapter(task), task]
+    conds = pipelines.perception.conditions_of(task)
+    n = len(conds) + 1  # num_images_per_prompt = len(lora_names)
+    names = [pipelines.perception.condition_adapter(task, c) for c in conds] + [task]
     hooks = [m.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, "adapter_names": names}), with_kwargs=True)
              for m in tr.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     g = torch.Generator().manual_seed(seed)
     lh, lw = H // 8, W // 8
-    latents = randn_tensor((2, 16, lh, lw), generator=g)  # prepare_latents: both items
-    latents[0] = (vae.encode(panorama * 2 - 1).latent_dist.sample(g)[0] - vae.config.shift_factor) \
-        * vae.config.scaling_factor
+    latents = randn_tensor((n, 16, lh, lw), generator=g)  # prepare_latents: every item
+    images = {"rgb": panorama * 2 - 1, "camray": camray(H, W)}
+    for i, c in enumerate(conds):  # prepare_condition_latents, in order
+        latents[i] = (vae.encode(images[c]).latent_dist.sample(g)[0] - vae.config.shift_factor) \
+            * vae.config.scaling_factor
     latents = torch.cat([latents, latents[:, :, :, :blend_extend]], dim=-1)
-    condition = latents[0].clone()
+    condition = latents[:-1].clone()
     wide = lw + blend_extend
-    ids = diffusers.FluxPipeline._prepare_latent_image_ids(2, lh // 2, wide // 2, "cpu", torch.float32)
-    pack = lambda x: x.view(2, 16, lh // 2, 2, wide // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, -1, 64)  # noqa: E731
-    unpack = lambda x: x.view(2, lh // 2, wide // 2, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(2, 16, lh, wide)  # noqa: E731
+    ids = diffusers.FluxPipeline._prepare_latent_image_ids(n, lh // 2, wide // 2, "cpu", torch.float32)
+    pack = lambda x: x.view(n, 16, lh // 2, 2, wide // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 64)  # noqa: E731
+    unpack = lambda x: x.view(n, lh // 2, wide // 2, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, 16, lh, wide)  # noqa: E731
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
                                                       max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
     mu = calculate_shift(ids.shape[0], 256, 4096, 0.5, 1.15)
     timesteps, _ = retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     x = pack(latents)
     for t in timesteps:
-        v = tr(hidden_states=x, timestep=t.expand(2) / 1000, guidance=torch.full((2,), 3.5),
-               pooled_projections=COND["y"].expand(2, -1), encoder_hidden_states=COND["txt"].expand(2, -1, -1),
+        v = tr(hidden_states=x, timestep=t.expand(n) / 1000, guidance=torch.full((n,), 3.5),
+               pooled_projections=COND["y"].expand(n, -1), encoder_hidden_states=COND["txt"].expand(n, -1, -1),
                txt_ids=torch.zeros(L_TXT, 3), img_ids=ids, return_dict=False)[0]
         u = unpack(sched.step(v, t, x, return_dict=False)[0])
         u = vae.blend_h(u, u, blend_extend)
-        u[0] = condition
+        u[:-1] = condition
         x = pack(u)
+    last = unpack(x)[-1:]  # the target's latents after the last step
     u = vae.blend_h(unpack(x), unpack(x), blend_extend)[:, :, :, :lw]
     image = omnix_decode(vae, u / vae.config.scaling_factor + vae.config.shift_factor)
     for h in hooks:
         h.remove()
-    return (image[1:] / 2 + 0.5).clamp(0, 1)
+    return (image[-1:] / 2 + 0.5).clamp(0, 1), last
 
 
 @pytest.fixture(scope="module")
@@ -118,28 +132,20 @@ def system(tmp_path_factory):
     """A tiny diffusers Flux-dev + Flux VAE with peft adapter pairs per task, the published folder of their files,
     and our Flux / VAE loaded from the converted state dicts."""
     torch.manual_seed(0)
-    tr = randomize(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-        seed=1, std=0.05).eval()
-    vae = randomize(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
-        seed=2, std=0.05).eval()
+    kw, parts = tiny_system(dev=True)  # the FluxPipeline parity test's tiny Flux-dev + VAE, ours converted from them
+    tr, vae, model, ae = kw["transformer"], kw["vae"], parts.model, parts.ae
+    with torch.no_grad():  # sharper attention, so positions (RoPE, the seam's columns) change the result
+        for name, p in tr.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name or ".norm_added_" in name:
+                p.copy_(3 + torch.rand(p.shape, generator=torch.Generator().manual_seed(5)))
+    model.load_state_dict(flux_from_diffusers(tr.state_dict()), strict=True)
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size = TILE, TILE // 8
-    model = zoo.build({"arch": "flux", "in_channels": 64, "vec_in_dim": 16, "context_in_dim": 24, "hidden_size": 32,
-                       "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
-                       "theta": 10000, "qkv_bias": True, "guidance_embed": True}).eval()
-    model.load_state_dict(flux_from_diffusers(tr.state_dict()), strict=True)
-    ae = zoo.build("tiny-vae-flux").eval()
-    ae.load_state_dict(autoencoder_from_diffusers(vae.state_dict()), strict=True)
-
     folder = tmp_path_factory.mktemp("omnix")
     g = torch.Generator().manual_seed(10)
-    for task in TASKS:
-        for sub, name in (("rgb", f"{task}_rgb"), (task, task)):
+    for task in (*TASKS, "normal_camray"):
+        folder_name, conds, target = pipelines.perception.TASKS[task]
+        for sub, name in [(c, f"{task}_{c}") for c in conds] + [(target, task)]:
             tr.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
                                            target_modules=OMNIX_TARGETS), adapter_name=name)
             with torch.no_grad():
@@ -147,7 +153,7 @@ def system(tmp_path_factory):
                     if isinstance(m, peft.tuners.lora.LoraLayer):
                         m.lora_B[name].weight.copy_(torch.randn(m.lora_B[name].weight.shape, generator=g) * 0.3)
             sd = peft.get_peft_model_state_dict(tr, adapter_name=name)
-            diffusers.FluxPipeline.save_lora_weights(folder / f"rgb_to_{task}" / sub, transformer_lora_layers=sd,
+            diffusers.FluxPipeline.save_lora_weights(folder / folder_name / sub, transformer_lora_layers=sd,
                                                      weight_name=pipelines.perception.FILE)
     return tr, vae, model, ae, folder
 
@@ -168,25 +174,40 @@ def run(model, ae, tasks, seen=None, **kw):
 def test_published_adapters_reproduce_the_official_omnix_algorithm(system):
     tr, vae, base, ae, folder = system
     model = copy.deepcopy(base)
-    reports = pipelines.perception.load_published(model, folder, tasks=TASKS[:2])
-    assert sorted(reports) == ["depth", "depth_rgb", "normal", "normal_rgb"]
+    reports = pipelines.perception.load_published(model, folder, tasks=["depth", "normal_camray"])
+    assert sorted(reports) == ["depth", "depth_rgb", "normal_camray", "normal_camray_camray", "normal_camray_rgb"]
     # OmniX's targets on FLUX: img q, k, v (fused qkv), proj, MLP of the double block; q, k, v rows of linear1
     assert all(len(r.modules) == 4 + 1 and not r.unmatched for r in reports.values())
-    got = run(model, ae, TASKS[:2])
-    assert sorted(got) == ["depth", "normal"] and got["depth"].shape == (1, 1, H, W)
+    seen: list[torch.Tensor] = []
+    got = run(model, ae, ["depth", "normal_camray"], seen)
+    assert sorted(got) == ["depth", "normal_camray"] and got["depth"].shape == (1, 1, H, W)
+    assert max_rel_err(pipelines.perception.ray_map(H, W), camray(H, W)) <= 1e-6
     tr.set_attn_processor(CrossBatchProcessor())
     with torch.no_grad():
-        for task in TASKS[:2]:
-            want = omnix_reference(tr, vae, panorama(), task, steps=2, seed=0)
+        for task, latents in zip(("depth", "normal_camray"), seen):
+            want, want_latents = omnix_reference(tr, vae, panorama(), task, steps=2, seed=0)
+            assert max_rel_err(latents, want_latents) <= 1e-5, task
             want = want.mean(dim=1, keepdim=True) if task == "depth" else want  # OmniX's perceive_panoramic_depth
             assert max_rel_err(got[task], want) <= 1e-4, task
             assert (got[task] - want).abs().max() <= 1e-4, task
 
 
+def test_vae_tiling_is_diffusers_encode_and_omnix_decode(system):
+    _, vae, _, ae, _ = system
+    g = torch.Generator().manual_seed(4)
+    x, z = torch.rand(1, 3, H, W, generator=g) * 2 - 1, torch.randn(1, 16, H // 8, W // 8, generator=g)
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist  # tiled: tiles of TILE pixels
+        got = pipelines.omnix_vae.encode(ae, x, TILE)
+        assert max_rel_err(got.mean, want.mean) <= 1e-5 and max_rel_err(got.std, want.std) <= 1e-5
+        assert max_rel_err(pipelines.omnix_vae.decode(ae, z, TILE), omnix_decode(vae, z)) <= 1e-5
+        assert max_rel_err(pipelines.omnix_vae.decode(ae, z, TILE), ae.decode(z)) > 1e-2  # the tiling did something
+
+
 def test_three_tasks_give_three_maps_and_switching_equals_a_model_with_only_that_pair(system):
     _, _, base, ae, folder = system
     model = copy.deepcopy(base)
-    pipelines.perception.load_published(model, folder)  # every task present: all three
+    pipelines.perception.load_published(model, folder, tasks=TASKS)
     layers = dict(lora.lora_layers(model))
     seen: list[torch.Tensor] = []
     maps = run(model, ae, ["normal", "albedo", "depth"], seen, steps=1)
