@@ -223,7 +223,7 @@ def generate(
     if missing:
         raise ValueError(f"task(s) {missing} have no LoRA adapter on the Flux model (it has "
                          f"{sorted(_adapters(model))}); load them with pipelines.perception.load_published(model, "
-                         "folder) or load_adapters(model, {task: file}, {task: rgb file})")
+                         "folder) or load_adapters(model, {adapter: file})")
     if not isinstance(panorama, Tensor):
         from pipelines.common import from_pil
 

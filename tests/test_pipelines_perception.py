@@ -20,6 +20,7 @@ from tests.test_pipelines_flux import tiny_system
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # several adapters on one model
 
 H, W, L_TXT = 32, 96, 5  # 2:1; latent 4 x 12, so the 6 blended columns fit
 TILE = 32  # VAE tile in pixels: small, so the tiled encode and the row-tiled decode both run
@@ -170,7 +171,6 @@ def run(model, ae, tasks, seen=None, **kw):
                                          progress=False, callback=cb, **kw)
 
 
-@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_published_adapters_reproduce_the_official_omnix_algorithm(system):
     tr, vae, base, ae, folder = system
     model = copy.deepcopy(base)
@@ -236,7 +236,21 @@ def test_a_bf16_base_with_adapters_runs_without_dtype_errors(system):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_pbr_gives_roughness_and_metallic(system):
+def test_cross_batch_attention_stays_within_each_panoramas_items():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(6, 2, 5, 8, generator=g) for _ in range(3))  # 2 panoramas x 3 items, (B, H, L, D)
+    attend = pipelines.perception.cross_batch(3)
+    both = attend(q, k, v)
+    for p in range(2):
+        items = slice(3 * p, 3 * p + 3)
+        alone = attend(q[items], k[items], v[items])
+        assert torch.allclose(both[items], alone, atol=1e-6)
+        keys, vals = (t[items].transpose(0, 1).flatten(1, 2)[None].expand(3, -1, -1, -1) for t in (k, v))  # 3 L keys
+        want = F.scaled_dot_product_attention(q[items], keys, vals)
+        assert torch.allclose(alone, want.transpose(1, 2).flatten(2), atol=1e-6)
+
+
+def test_pbr_gives_roughness_and_metallic():
     image = torch.rand(2, 3, 8, 8)
     out = pipelines.perception.maps("pbr", image)
     assert list(out) == ["roughness", "metallic"]
