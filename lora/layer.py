@@ -263,6 +263,9 @@ class LoRALayer(nn.Module):
     def merge(self, *, permanent: bool = False) -> None:
         """Fold the active adapters into the base weight; the original is kept so `unmerge` is bit-exact, unless
         `permanent` (then the merged weight becomes the base and no adapter counts as merged)."""
+        if self.per_item is not None:
+            raise ValueError(f"cannot merge while adapters run per batch item ({self.per_item}); leave "
+                             "lora.adapters_per_item first")
         if not self.merged and self.active:
             self._merge_active()
         if permanent:

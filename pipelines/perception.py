@@ -37,8 +37,7 @@ from torch import Tensor, nn
 
 import lora as lora_lib
 import samplers
-from layers import attention
-from layers.rope import apply_rope
+from layers import apply_rope, attention
 from pipelines import omnix_vae
 from pipelines.common import (
     Callback,

@@ -106,6 +106,9 @@ def test_per_item_bad_input_is_named():
     with torch.no_grad(), lora.adapters_per_item(m, ["rgb", "depth"]):
         with pytest.raises(ValueError, match=r"batch 3 is not a multiple of the 2 per-item adapters"):
             m(torch.randn(3, 8), torch.randn(3, 3, 4, 4))
+    with lora.adapters_per_item(m, ["rgb", "depth"]):
+        with pytest.raises(ValueError, match="cannot merge while adapters run per batch item"):
+            lora.merge(m)
     lora.set_adapter(m, "rgb")
     lora.merge(m)
     with pytest.raises(ValueError, match="unmerge before running adapters per item"):
