@@ -77,7 +77,7 @@ def flux_peer():
     return peer
 
 
-def sd15_like() -> torch.nn.Module:
+def sd15_like(std: float = 0.1) -> torch.nn.Module:
     """A fresh diffusers UNet2DConditionModel shaped like `tiny-unet` (SD1.x-like), random weights (seed 1)."""
     import diffusers
 
@@ -86,10 +86,10 @@ def sd15_like() -> torch.nn.Module:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=2)
-    return randomize(m, seed=1, std=0.1).eval()
+    return randomize(m, seed=1, std=std).eval()
 
 
-def sdxl_like() -> torch.nn.Module:
+def sdxl_like(std: float = 0.1) -> torch.nn.Module:
     """A fresh diffusers UNet2DConditionModel shaped like `tiny-sdxl` (text_time conditioning), random weights."""
     import diffusers
 
@@ -99,7 +99,17 @@ def sdxl_like() -> torch.nn.Module:
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
         attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 24)
-    return randomize(m, seed=2, std=0.1).eval()
+    return randomize(m, seed=2, std=std).eval()
+
+
+def sd_vae_like(std: float = 0.05) -> torch.nn.Module:
+    """A fresh diffusers AutoencoderKL shaped like `tiny-vae` (4 latent channels, 8x down), random weights (seed 3)."""
+    import diffusers
+
+    m = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return randomize(m, seed=3, std=std).eval()
 
 
 @pytest.fixture(scope="session")

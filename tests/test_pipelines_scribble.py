@@ -9,7 +9,7 @@ import torch
 import pipelines
 import zoo
 from checkpoints_convert import autoencoder_from_diffusers, unet_from_diffusers
-from tests.conftest import max_rel_err, randomize
+from tests.conftest import max_rel_err, randomize, sd15_like, sd_vae_like
 from zoo.hint_encoder import HintEncoder
 
 diffusers = pytest.importorskip("diffusers")
@@ -21,15 +21,7 @@ NEG = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
 
 @pytest.fixture(scope="module")
 def peers():
-    unet = randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2), seed=1, std=0.05).eval()
-    vae = randomize(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4), seed=3,
-        std=0.05).eval()
+    unet, vae = sd15_like(std=0.05), sd_vae_like()
     return unet, vae
 
 

@@ -7,36 +7,11 @@ import torch
 import pipelines
 import zoo
 from checkpoints_convert import autoencoder_from_diffusers, controlnet_from_diffusers, unet_from_diffusers
-from tests.conftest import max_rel_err, randomize
+from tests.conftest import max_rel_err, randomize, sd15_like, sd_vae_like, sdxl_like
 
 diffusers = pytest.importorskip("diffusers")
 
 H, W = 64, 32
-
-
-def sd_unet():
-    return randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2), seed=1, std=0.05).eval()
-
-
-def sdxl_unet():
-    return randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
-        attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 24),
-        seed=2, std=0.05).eval()
-
-
-def vae():
-    return randomize(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4), seed=3,
-        std=0.05).eval()
 
 
 def ddim():
@@ -57,7 +32,7 @@ def embeds(b, dim, seed, length=5):
 
 
 def test_sd_text_to_image_matches_stable_diffusion_pipeline():
-    u, v = sd_unet(), vae()
+    u, v = sd15_like(std=0.05), sd_vae_like()
     pos, neg = embeds(2, 32, 0), embeds(2, 32, 1)
     pipe = diffusers.StableDiffusionPipeline(vae=v, text_encoder=None, tokenizer=None, unet=u, scheduler=ddim(),
                                              safety_checker=None, feature_extractor=None,
@@ -81,7 +56,7 @@ def test_sd_text_to_image_matches_stable_diffusion_pipeline():
 
 
 def test_sdxl_matches_stable_diffusion_xl_pipeline_with_size_and_crop():
-    u, v = sdxl_unet(), vae()
+    u, v = sdxl_like(std=0.05), sd_vae_like()
     g = torch.Generator().manual_seed(5)
     pos, neg = embeds(1, 48, 0), embeds(1, 48, 1)
     pooled, neg_pooled = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
@@ -101,7 +76,7 @@ def test_sdxl_matches_stable_diffusion_xl_pipeline_with_size_and_crop():
 
 
 def test_controlnet_matches_stable_diffusion_controlnet_pipeline_and_controls():
-    u, v = sd_unet(), vae()
+    u, v = sd15_like(std=0.05), sd_vae_like()
     cn = randomize(diffusers.ControlNetModel(
         in_channels=4, conditioning_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
@@ -131,7 +106,7 @@ def test_controlnet_matches_stable_diffusion_controlnet_pipeline_and_controls():
 
 
 def test_adapter_and_hint_encoder_features_change_the_image():
-    u, v = sd_unet(), vae()
+    u, v = sd15_like(std=0.05), sd_vae_like()
     parts = ours("tiny-unet", u, v)
     run = dict(conditioning={"context": embeds(1, 32, 0)}, height=H, width=W, steps=2, guidance=1.0, seed=0,
                progress=False)
