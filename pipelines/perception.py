@@ -220,9 +220,10 @@ def generate(
         raise ValueError(f"no task given; name adapters on the model, e.g. {list(TASKS[:3])}")
     missing = [t for t in tasks if t not in _adapters(model)]
     if missing:
+        hint = "; roughness and metallic are the maps of task 'pbr'" if {"roughness", "metallic"} & set(missing) else ""
         raise ValueError(f"task(s) {missing} have no LoRA adapter on the Flux model (it has "
                          f"{sorted(_adapters(model))}); load them with pipelines.perception.load_published(model, "
-                         "folder) or load_adapters(model, {adapter: file})")
+                         "folder) or load_adapters(model, {adapter: file})" + hint)
     if not isinstance(panorama, Tensor):
         from pipelines.common import from_pil
 

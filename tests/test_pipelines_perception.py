@@ -263,6 +263,8 @@ def test_bad_input_is_named(system, tmp_path):
     pipelines.perception.load_published(model, folder, tasks=["depth"])
     with pytest.raises(ValueError, match=r"task\(s\) \['normal'\] have no LoRA adapter .*\['depth', 'depth_rgb'\]"):
         run(model, ae, ["depth", "normal"])
+    with pytest.raises(ValueError, match=r"roughness and metallic are the maps of task 'pbr'"):
+        run(model, ae, ["metallic"])
     with pytest.raises(ValueError, match=r"already has adapter\(s\) \['depth', 'depth_rgb'\]"):
         pipelines.perception.load_published(model, folder, tasks=["depth"])
     with pytest.raises(ValueError, match=r"missing: \[.*rgb_to_pbr/pbr/pytorch_lora_weights.safetensors"):
