@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import samplers
 from checkpoints_convert import atomic_path
 
-Callback = Callable[[int, int, Tensor], None] | None
+Callback = Callable[[int, int, Tensor], Tensor | None] | None  # a returned tensor replaces the state
 
 
 def generator_for(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
@@ -78,10 +78,9 @@ def progress(total: int, enabled: bool, callback: Callback, desc: str) -> tuple[
 
     bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)  # None: off in a redirected log
 
-    def step(i: int, n: int, x: Tensor) -> None:
+    def step(i: int, n: int, x: Tensor) -> Tensor | None:
         bar.update(1)
-        if callback is not None:
-            callback(i, n, x)
+        return callback(i, n, x) if callback is not None else None
 
     return step, bar.close
 

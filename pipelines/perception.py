@@ -6,15 +6,15 @@ The official mechanism, step by step. Each task has one adapter per batch item (
 normal task `normal_camray` adds a `camray` item). One batch holds, per panorama, the condition items, kept clean
 (the panorama's VAE latent, a posterior sample; for `camray` the latent of the per-pixel view-ray map), and the
 target, drawn from noise. Every LoRA layer runs each item with its own adapter in the same forward
-(`lora.adapters_per_item`), and every attention is cross-batch: each item's queries attend to the keys and values
-of all items of its panorama (text tokens included), after RoPE. All items share the prompt "[EQUIRECTANGULAR]",
-the distilled guidance 3.5 and the flow time. The latents are 6 columns wider than the panorama (its first 6
-appended, position ids over the wider grid, the schedule's shift from that token count); after every Euler step
-(diffusers' FlowMatchEulerDiscreteScheduler, as OmniX; written out here because `samplers.sample` has no hook
-between steps) the first 6 columns fade from the appended copy into their own values (`blend_extend`) and the
-conditions are written back clean, so only the target moves. At the end one more blend, the 6 columns are cropped,
-and the VAE decodes with OmniX's wrap-around tiling (`pipelines.omnix_vae`). Maps in [0, 1]: depth is the mean of
-the 3 channels; `pbr` gives roughness (channel 0) and metallic (channel 1); the others are RGB.
+(`lora.adapters_per_item`), and every attention is cross-batch: each item's queries attend to the keys and values of
+all items of its panorama (text tokens included), after RoPE. All items share the prompt "[EQUIRECTANGULAR]", the
+distilled guidance 3.5 and the flow time. The latents are 6 columns wider than the panorama (its first 6 appended,
+position ids over the wider grid, the schedule's shift from that token count); after every Euler step (`samplers`'
+euler, as OmniX's FlowMatchEulerDiscreteScheduler; the blend is the step callback) the first 6 columns fade from the
+appended copy into their own values (`blend_extend`) and the conditions are written back clean, so only the target
+moves. At the end one more blend, the 6 columns are cropped, and the VAE decodes with OmniX's wrap-around tiling
+(`pipelines.omnix_vae`). Maps in [0, 1]: depth is the mean of the 3 channels; `pbr` gives roughness (channel 0) and
+metallic (channel 1); the others are RGB.
 
 Different from the official code, said plainly: the noise and the posterior samples come from the call's
 generator in OmniX's order (the noise of every item, then one sample per condition), but OmniX samples the
@@ -47,9 +47,9 @@ from pipelines.common import (
     image_to_model,
     model_dtype,
     randn,
+    run_sampler,
     to_unit,
 )
-from pipelines.common import progress as progress_bar
 from pipelines.flux import FluxParts, prepare_conditioning, velocity_fn
 from pipelines.offload import compute_device, on_device
 from zoo.flux import img_ids, pack, unpack
@@ -274,17 +274,14 @@ def generate(
 
         names = [condition_adapter(task, c) if condition_adapter(task, c) in _adapters(model) else None
                  for c in conds] + [task]
-        cb, close = progress_bar(steps, progress, callback, task)
-        try:
-            with on_device(parts, "model"), cross_batch_attention(model, k), \
-                    lora_lib.adapters_per_item(model, names * b):
-                x = widen(noise)
-                for i in range(steps):  # the scheduler's Euler step, then the seam blend (conditions never move)
-                    x = blend_seam(x + (ts[i + 1] - ts[i]) * model_fn(x, torch.full((b,), ts[i], device=device)), e)
-                    if cb is not None:
-                        cb(i + 1, steps, x)
-        finally:
-            close()
+        def blend(i: int, n: int, x: Tensor) -> Tensor:  # after every Euler step: the seam blend, then yours
+            x = blend_seam(x, e)
+            out = callback(i, n, x) if callback is not None else None
+            return out if isinstance(out, Tensor) else x
+
+        with on_device(parts, "model"), cross_batch_attention(model, k), lora_lib.adapters_per_item(model, names * b):
+            x = run_sampler(model_fn, widen(noise), desc=task, progress_bar=progress, callback=blend, sampler="euler",
+                            schedule=samplers.FlowSchedule(), timesteps=ts)
         z = blend_seam(x, e)[..., :lw]  # one more blend after the loop, as OmniX, then the appended columns go
         with on_device(parts, "ae"):
             image = omnix_vae.decode(ae, ae.from_model_space(z).to(model_dtype(ae)), vae_tile)

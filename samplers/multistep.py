@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .solvers import Callback, Denoiser, Grid
+from .solvers import Callback, Denoiser, Grid, after_step
 
 
 def step_order(i: int, n: int, order: int, lower_order_final: float, final_zero: bool) -> int:
@@ -82,6 +82,5 @@ def dpm_multistep(
                 d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h m', second-order accurate
                 d2 = (d1_0 - d1_1) * (2 / (r0 + r1))  # h^2 m''; the reference code omits this 2
                 x = x + c_d1 * d1 + c_d2 * d2
-        if callback is not None:
-            callback(i + 1, n, x)
+        x = after_step(callback, i + 1, n, x)
     return x

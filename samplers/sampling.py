@@ -61,7 +61,8 @@ def sample(
     stochasticity of `ddim` (default 0) and `euler_a` (default 1); `generator` draws that noise.
     `lower_order_final` (multistep samplers): on grids of fewer steps than this, the last steps drop to orders 1
     and 2 (default 15 for `dpm*` as diffusers, always for `unipc*`; the official DPM-Solver uses 10, 0 never lowers).
-    `callback(step, total, x)` runs after every step.
+    `callback(step, total, x)` runs after every step; a tensor it returns replaces x (the state the next step
+    starts from: a seam blend, an inpainting mask, clean condition latents written back).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")

@@ -15,7 +15,21 @@ import torch
 from torch import Tensor
 
 Denoiser = Callable[[Tensor, float, float, float], tuple[Tensor, Tensor]]
-Callback = Callable[[int, int, Tensor], None] | None
+Callback = Callable[[int, int, Tensor], Tensor | None] | None
+
+
+def after_step(callback: Callback, step: int, total: int, x: Tensor) -> Tensor:
+    """Run `callback(step, total, x)` after a step; a tensor it returns replaces x as the state the next step starts
+    from (as diffusers' callback_on_step_end may return new latents); anything else leaves x as it is."""
+    if callback is None:
+        return x
+    out = callback(step, total, x)
+    if not isinstance(out, Tensor):
+        return x
+    if out.shape != x.shape:
+        raise ValueError(f"the callback after step {step} returned a tensor of shape {tuple(out.shape)}; the state "
+                         f"it replaces has shape {tuple(x.shape)}")
+    return out.to(x.dtype)
 
 
 @dataclass
@@ -56,8 +70,7 @@ def euler(denoise: Denoiser, x: Tensor, g: Grid, *, callback: Callback = None) -
     """
     for i in range(g.steps):
         x = euler_step(x, *denoise(x, *g.node(i)), g, i)
-        if callback is not None:
-            callback(i + 1, g.steps, x)
+        x = after_step(callback, i + 1, g.steps, x)
     return x
 
 
@@ -72,8 +85,7 @@ def heun(denoise: Denoiser, x: Tensor, g: Grid, *, callback: Callback = None) ->
             x0_next, eps_next = denoise(x, *g.node(i + 1))
             v_mean = 0.5 * (v + eps_next - x0_next)  # trapezoidal rule: the mean of both end velocities
             x = n_next * (z + (s_next - s) * v_mean)
-        if callback is not None:
-            callback(i + 1, g.steps, x)
+        x = after_step(callback, i + 1, g.steps, x)
     return x
 
 
@@ -92,8 +104,7 @@ def bridge(
         x = euler_step(x, *denoise(x, *g.node(i)), g, i)
         if i < g.steps - 1 and noise_std[i + 1] > 0:
             x = x + noise_std[i + 1] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if callback is not None:
-            callback(i + 1, g.steps, x)
+        x = after_step(callback, i + 1, g.steps, x)
     return x
 
 
@@ -121,6 +132,5 @@ def ddim(
         x = torch.add(alpha_next * x0, eps, alpha=math.sqrt(sigma_next * sigma_next - s_up * s_up))
         if s_up > 0:
             x = x + s_up * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if callback is not None:
-            callback(i + 1, g.steps, x)
+        x = after_step(callback, i + 1, g.steps, x)
     return x

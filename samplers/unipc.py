@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .multistep import step_order
-from .solvers import Callback, Denoiser, Grid
+from .solvers import Callback, Denoiser, Grid, after_step
 
 VARIANTS = ("bh1", "bh2")
 
@@ -60,8 +60,7 @@ def unipc(
             x = final_rho_step(x, eps_hist[: i + 1 - skip], g, i)
         else:
             x = unipc_step(x, preds[:k], g, i, variant, data)
-        if callback is not None:
-            callback(i + 1, n, x)
+        x = after_step(callback, i + 1, n, x)
     return x
 
 

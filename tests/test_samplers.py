@@ -148,6 +148,30 @@ def test_callback_reports_every_step_and_the_last_state_is_the_result():
     assert torch.equal(log[-1][2], out)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "dpm++2m", "unipc"])
+def test_a_tensor_the_callback_returns_is_the_state_the_next_step_starts_from(sampler):
+    opts = dict(sampler=sampler, steps=4, schedule=samplers.FlowSchedule())
+    seen = []
+
+    def halve(i, n, x):  # every step's result, halved, is where the next step starts
+        seen.append(x)
+        return 0.5 * x
+
+    out = samplers.sample(linear_model, NOISE, callback=halve, **opts)
+    assert len(seen) == 4 and torch.equal(out, 0.5 * seen[-1])
+    if sampler == "euler":  # Flux's step x + (t' - t) v, each result halved
+        ts, x = samplers.FlowSchedule().grid(4), NOISE
+        for a, b in zip(ts[:-1], ts[1:]):
+            x = 0.5 * (x + (b - a) * linear_model(x, torch.full((2,), a, dtype=x.dtype)))
+        assert torch.allclose(out, x, rtol=0, atol=1e-12)
+    # anything but a tensor leaves the state alone; a tensor of another shape is refused
+    assert torch.equal(samplers.sample(linear_model, NOISE, callback=lambda *a: True, **opts),
+                       samplers.sample(linear_model, NOISE, **opts))
+    with pytest.raises(ValueError, match=r"callback after step 1 returned a tensor of shape \(2, 2\); the state it "
+                                         r"replaces has shape \(2, 3\)"):
+        samplers.sample(linear_model, NOISE, callback=lambda i, n, x: x[:, :2], **opts)
+
+
 def test_explicit_grid_without_the_end_gets_the_final_step_appended():
     full = samplers.sample(
         linear_model, NOISE, sampler="euler", schedule=samplers.FlowSchedule(), timesteps=[1.0, 0.6, 0.3, 0.0]
