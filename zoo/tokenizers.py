@@ -129,6 +129,25 @@ def _clip_backend(vocab: dict[str, int], merges: list[tuple[str, str]]):
     return tok
 
 
+def _read_vocab_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    return vocab, [tuple(m.split()) for m in lines if m and not m.startswith("#version")]
+
+
+def _cached_bpe(files: tuple[Path, ...], read: Callable[[], tuple[dict[str, int], list[tuple[str, str]]]]):
+    """(vocab, BPE backend) of CLIP vocabulary files, parsed once per process (again if a file changes): building
+    the 49k-merge BPE takes ~0.1 s, and pipelines make one tokenizer per text encoder on every load."""
+    key = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    if key not in _BPE:
+        vocab, merges = read()
+        _BPE[key] = vocab, _clip_backend(vocab, merges)
+    return _BPE[key]
+
+
+_BPE: dict[tuple, tuple[dict[str, int], object]] = {}
+
+
 def _special_token(folder: Path, name: str) -> str | None:
     """A special token's text from a transformers tokenizer folder (special_tokens_map.json / tokenizer_config.json)."""
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -182,19 +201,17 @@ def clip(path: str | Path, *, pad_token: str | None = None, max_length: int = 77
         default_pad = _special_token(p, "pad_token") or CLIP_EOS
     else:
         if p.is_dir() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            vocab = json.loads((p / "vocab.json").read_text(encoding="utf-8"))
-            lines = (p / "merges.txt").read_text(encoding="utf-8").split("\n")
-            merges = [tuple(m.split()) for m in lines if m and not m.startswith("#version")]
+            vocab, backend = _cached_bpe((p / "vocab.json", p / "merges.txt"), lambda: _read_vocab_merges(p))
             default_pad = _special_token(p, "pad_token") or CLIP_EOS
         elif p.suffix == ".json":
             encode, token_id, size = _from_json(p)
             vocab = None
             default_pad = _special_token(folder, "pad_token") or CLIP_EOS
         else:
-            vocab, merges = openclip_vocab(_find(p, ["bpe_simple_vocab_16e6.txt.gz"], "CLIP"))
+            bpe = _find(p, ["bpe_simple_vocab_16e6.txt.gz"], "CLIP")
+            vocab, backend = _cached_bpe((bpe,), lambda: openclip_vocab(bpe))
             default_pad = "!"
         if vocab is not None:
-            backend = _clip_backend(vocab, merges)
             encode, token_id, size = (lambda s: backend.encode(s, add_special_tokens=False).ids), vocab.get, len(vocab)
     pad = pad_token or default_pad
     ids = {name: token_id(name) for name in (CLIP_BOS, CLIP_EOS, pad)}
