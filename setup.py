@@ -17,7 +17,7 @@ setup(
         "games": ["gymnasium", "ale-py", "pillow"],  # pillow: frame resizing and the PNG / GIF outputs
         "gguf": ["gguf"],
         # parity peers and every optional extra, so the whole suite runs
-        "test": ["pytest", "diffusers", "peft", "transformers", "accelerate",
+        "test": ["pytest", "pytest-xdist", "diffusers", "peft", "transformers", "accelerate",
                  "tokenizers", "sentencepiece", "protobuf", "pillow", "gymnasium", "ale-py", "gguf"],
     },
 )
