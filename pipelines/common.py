@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import samplers
 from checkpoints_convert import atomic_path
 
-Callback = Callable[[int, int, Tensor], Tensor | None] | None  # a returned tensor replaces the state
+Callback = samplers.Callback  # callback(step, total, x); a tensor it returns replaces the state
 
 
 def generator_for(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:

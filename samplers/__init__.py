@@ -10,10 +10,12 @@ from .grids import logsnr_grid
 from .guidance import Guidance
 from .sampling import SAMPLERS, sample
 from .schedules import BridgeSchedule, FlowSchedule, Schedule, VPSchedule, flux_mu, flux_schedule, shift_time
+from .solvers import Callback
 
 __all__ = [
     "SAMPLERS",
     "BridgeSchedule",
+    "Callback",
     "FlowSchedule",
     "Guidance",
     "Schedule",
